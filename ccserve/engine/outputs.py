@@ -1,0 +1,46 @@
+"""What the engine reports about a request after each step (the server and LLM facade consume this)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of one generated token and, if asked for, of the top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: everything so far, plus the delta since its previous output.
+
+    finish_reason: "stop" (EOS, stop token or stop string), "length" (max_tokens or max_model_len) or "abort".
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    new_logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Aggregate counters only: nothing here may identify a request or carry its content."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
