@@ -15,6 +15,7 @@ class SamplingParams:
     seed makes a sampled request reproducible on its own, whatever else shares its batch.
     stop strings are matched on the detokenized text and are not part of the returned text.
     logprobs asks for the sampled token's log-probability plus that many top alternatives.
+    detokenize False skips text entirely (benchmarks, token-id clients).
     """
 
     temperature: float = 1.0
@@ -29,6 +30,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True
 
     MAX_LOGPROBS = 20
 
@@ -59,6 +61,8 @@ class SamplingParams:
             raise ValueError("stop must be a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be a list of non-negative integers")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True (use stop_token_ids to stop on ids)")
         if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}")
 

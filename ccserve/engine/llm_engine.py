@@ -1,0 +1,197 @@
+"""The engine step loop: admit requests, schedule, run the model, apply sampled tokens, report outputs.
+
+Single-threaded by design: the server drives it from one thread. Nothing here logs request content.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ccserve.config import EngineConfig
+from ccserve.engine.detokenizer import IncrementalDetokenizer
+from ccserve.engine.model_runner import ModelRunner
+from ccserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
+from ccserve.engine.scheduler import ScheduledBatch, Scheduler
+from ccserve.engine.sequence import Sequence, SequenceStatus
+from ccserve.kv.block_pool import BlockPool
+from ccserve.layers.sampler import SamplerOutput
+from ccserve.sampling_params import SamplingParams
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config)
+        self.runner = ModelRunner(config)
+        self.max_model_len = self.runner.max_model_len
+        self.vocab_size = self.runner.hf_config.vocab_size
+        self.model_name = config.extra.get("served_model_name") or Path(config.model).name
+        capacity = self.runner.num_blocks * config.block_size
+        if capacity < self.max_model_len:
+            raise ValueError(f"the KV cache holds {capacity} tokens, less than max_model_len {self.max_model_len}: "
+                             "lower max_model_len or give the cache more memory")
+        self.pool = BlockPool(self.runner.num_blocks)
+        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
+        self.eos_token_ids = eos_ids(self.runner.hf_config, self.tokenizer)
+        self.requests: dict[str, Sequence] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    # ---- requests --------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Validate and queue a request; raises ValueError naming what is wrong."""
+        if request_id in self.requests:
+            raise ValueError("request_id is already in use by an unfinished request")
+        token_ids = self._tokenize(prompt)
+        if not token_ids:
+            raise ValueError("prompt is empty: send at least one token")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens but max_model_len is {self.max_model_len}: "
+                             "shorten the prompt (it must leave room for at least one output token)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine runs without one (use stop_token_ids)")
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device)
+            generator.manual_seed(params.seed)
+        seq = Sequence(request_id, token_ids, params, generator)
+        if self.tokenizer is not None and params.detokenize:
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        self.prompt_tokens_total += len(token_ids)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now; its KV blocks are freed and scrubbed at once. Unknown ids are ignored."""
+        seq = self.requests.pop(request_id, None)
+        if seq is None or seq.finished:
+            return
+        self.scheduler.finish(seq, "abort")
+        self.runner.scrub(self.pool.take_blocks_to_scrub())
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=self.pool.num_free, num_total_blocks=self.pool.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total)
+
+    # ---- the step --------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule and run one batch. Outputs cover every request that sampled a token or finished."""
+        self.runner.scrub(self.pool.take_blocks_to_scrub())
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            self.runner.scrub(self.pool.take_blocks_to_scrub())
+            return []
+        try:
+            seqs, sampled = self.runner.execute(batch)
+        except Exception:
+            self._fail(batch)
+            raise
+        for seq, n in batch.items():
+            seq.num_computed_tokens += n
+        outputs = self._apply(seqs, sampled) if sampled is not None else []
+        self.runner.scrub(self.pool.take_blocks_to_scrub())
+        return outputs
+
+    def _apply(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[RequestOutput]:
+        token_ids = sampled.token_ids.tolist()
+        logprobs = _logprob_rows(sampled, len(seqs))
+        outputs = []
+        for seq, token, lp in zip(seqs, token_ids, logprobs):
+            seq.token_ids.append(token)
+            self.generation_tokens_total += 1
+            if seq.logprobs is not None and lp is not None:
+                seq.logprobs.append(TokenLogprob(token, lp[0], dict(lp[1][:seq.params.logprobs])))
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.requests.pop(seq.request_id, None)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if token in params.stop_token_ids:
+            return "stop"
+        if seq.detokenizer is not None:
+            seq.detokenizer.append([token])
+            if seq.detokenizer.stopped:
+                return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        if seq.finished and seq.detokenizer is not None:
+            seq.detokenizer.flush()
+        text = seq.detokenizer.text if seq.detokenizer is not None else ""
+        out_ids = seq.output_token_ids
+        new_ids = out_ids[seq.num_sent_tokens:]
+        new_text = text[seq.num_sent_chars:]
+        new_lps = seq.logprobs[seq.num_sent_tokens:] if seq.logprobs is not None else None
+        seq.num_sent_tokens, seq.num_sent_chars = len(out_ids), len(text)
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids, token_ids=out_ids, text=text,
+            new_token_ids=new_ids, new_text=new_text, finished=seq.finished, finish_reason=seq.finish_reason,
+            logprobs=seq.logprobs, new_logprobs=new_lps)
+
+    def _fail(self, batch: ScheduledBatch) -> None:
+        """A failed step ends the requests it carried (and frees their blocks); others keep going."""
+        for seq, _ in batch.items():
+            if seq.status is not SequenceStatus.FINISHED:
+                self.scheduler.finish(seq, "abort")
+                self.requests.pop(seq.request_id, None)
+        self.runner.scrub(self.pool.take_blocks_to_scrub())
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: send prompt token ids instead of text")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if not isinstance(prompt, (list, tuple)):
+            raise ValueError("prompt must be a string or a list of token ids")
+        return list(prompt)
+
+
+def load_tokenizer(config: EngineConfig):
+    """The HF tokenizer of the model directory; None for dummy benchmark configs that ship none."""
+    from transformers import AutoTokenizer
+
+    path = Path(config.tokenizer or config.model)
+    has_files = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+    if not has_files:
+        if config.load_format == "dummy":
+            return None
+        raise ValueError(f"no tokenizer files in {str(path)!r}: pass tokenizer=DIR")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def eos_ids(hf_config, tokenizer) -> set[int]:
+    ids = getattr(hf_config, "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _logprob_rows(sampled: SamplerOutput, n: int) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """Per-row (sampled logprob, [(top id, top logprob), ...]) in one device->host copy each."""
+    if sampled.logprobs is None:
+        return [None] * n
+    lps = sampled.logprobs.tolist()
+    if sampled.top_ids is None:
+        return [(lp, []) for lp in lps]
+    ids, vals = sampled.top_ids.tolist(), sampled.top_logprobs.tolist()
+    return [(lp, list(zip(i, v))) for lp, i, v in zip(lps, ids, vals)]

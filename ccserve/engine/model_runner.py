@@ -1,0 +1,253 @@
+"""Runs the model for one scheduled batch: builds the step's tensors, replays CUDA graphs for decodes,
+samples, and owns the KV cache memory (sizing, allocation, scrubbing)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ccserve.config import EngineConfig
+from ccserve.engine.scheduler import ScheduledBatch
+from ccserve.engine.sequence import Sequence
+from ccserve.kv.cache import KVCache
+from ccserve.layers.attention import Attention, AttentionMetadata
+from ccserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from ccserve.models.loader import load_model
+
+CPU_KV_CACHE_BYTES = 2 << 30
+GPU_MEMORY_MARGIN_BYTES = 512 << 20
+
+
+@dataclass
+class StepInputs:
+    """Host-built tensors of one step, already on the device."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor
+    sampling_seqs: list[Sequence]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(config.seed)
+        self.model, self.hf_config = load_model(config)
+        self.dtype = next(self.model.parameters()).dtype
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.block_size = config.block_size
+        self.max_model_len = resolve_max_model_len(config, self.hf_config)
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
+        self.sampler = Sampler()
+        layer = self.attn_layers[0]
+        self.kv_shape = (len(self.attn_layers), layer.num_kv_heads, self.block_size, layer.head_dim)
+        num_blocks = config.num_gpu_blocks or self._profile_num_blocks()
+        self.kv_cache = KVCache(*self.kv_shape, num_blocks=num_blocks, dtype=self.dtype, device=self.device)
+        self.kv_cache.bind(self.attn_layers)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_decode_graphs()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache.num_blocks
+
+    # ---- one step -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
+        """Run one batch; returns the sequences that sampled a token and what the sampler gave them."""
+        inputs = self._prepare(batch)
+        hidden = self._forward(inputs, batch)
+        if not inputs.sampling_seqs:
+            return [], None
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        params = [s.params for s in inputs.sampling_seqs]
+        generators = [s.generator for s in inputs.sampling_seqs]
+        return inputs.sampling_seqs, self.sampler(logits, SamplingBatch.build(params, generators, self.device))
+
+    def scrub(self, block_ids: list[int]) -> None:
+        """Zero freed blocks in one batched operation (stateless computation)."""
+        if block_ids:
+            self.kv_cache.scrub(block_ids)
+
+    def _forward(self, inputs: StepInputs, batch: ScheduledBatch) -> torch.Tensor:
+        num_tokens = inputs.input_ids.shape[0]
+        if not batch.prefills and self.graphs:
+            graph_bs = next((b for b in sorted(self.graphs) if b >= num_tokens), None)
+            if graph_bs is not None:
+                return self._replay(inputs, graph_bs)[:num_tokens]
+        return self.model(inputs.input_ids, inputs.positions, inputs.meta)
+
+    def _prepare(self, batch: ScheduledBatch) -> StepInputs:
+        bs = self.block_size
+        ids, pos, slots, seq_lens, tables, sample_idx, sampling = [], [], [], [], [], [], []
+        offset = 0
+        for seq, n in batch.items():
+            start = seq.num_computed_tokens
+            p = np.arange(start, start + n)
+            blocks = np.asarray(seq.block_ids, dtype=np.int64)
+            ids.append(seq.token_ids[start:start + n])
+            pos.append(p)
+            slots.append(blocks[p // bs] * bs + p % bs)
+            seq_lens.append(start + n)
+            tables.append(seq.block_ids)
+            offset += n
+            if start + n == seq.num_tokens:
+                sample_idx.append(offset - 1)
+                sampling.append(seq)
+        nd = len(batch.decodes)
+        dev = self.device
+        flat_ids = np.fromiter((t for chunk in ids for t in chunk), dtype=np.int64, count=offset)
+        meta = AttentionMetadata(
+            slot_mapping=_to(np.concatenate(slots), dev),
+            num_decode_tokens=nd,
+            decode_seq_lens=_to(np.asarray(seq_lens[:nd], dtype=np.int32), dev),
+            decode_block_tables=_to(_pad_tables(tables[:nd]), dev),
+            prefill_cu_seqlens_q=_to(np.concatenate([[0], np.cumsum([n for _, n in batch.prefills])]).astype(np.int32), dev),
+            prefill_seq_lens=_to(np.asarray(seq_lens[nd:], dtype=np.int32), dev),
+            prefill_block_tables=_to(_pad_tables(tables[nd:]), dev),
+            max_prefill_query_len=max((n for _, n in batch.prefills), default=0),
+        )
+        return StepInputs(_to(flat_ids, dev), _to(np.concatenate(pos), dev), meta,
+                          _to(np.asarray(sample_idx, dtype=np.int64), dev), sampling)
+
+    # ---- CUDA graphs for decode batches ----------------------------------------------------------------
+
+    def _graph_batch_sizes(self) -> list[int]:
+        top = min(self.config.max_num_seqs, self.config.cuda_graph_max_batch)
+        sizes = [b for b in (1, 2, 4, 8) if b < top] + list(range(16, top + 1, 16))
+        return sorted(set(sizes + [top]))
+
+    def _capture_decode_graphs(self) -> None:
+        """Capture one graph per decode batch size, largest first so smaller ones reuse its memory pool."""
+        max_bs = self._graph_batch_sizes()[-1]
+        dev = self.device
+        self.g_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.g_pos = torch.zeros(max_bs, dtype=torch.int64, device=dev)
+        self.g_slots = torch.full((max_bs,), -1, dtype=torch.int64, device=dev)
+        self.g_seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.g_out = None
+        empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
+        pool = None
+        for bs in reversed(self._graph_batch_sizes()):
+            meta = AttentionMetadata(
+                slot_mapping=self.g_slots[:bs], num_decode_tokens=bs, decode_seq_lens=self.g_seq_lens[:bs],
+                decode_block_tables=self.g_tables[:bs], prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
+                prefill_seq_lens=empty_i32, prefill_block_tables=torch.zeros(0, 1, dtype=torch.int32, device=dev))
+            self.model(self.g_ids[:bs], self.g_pos[:bs], meta)  # warm-up (Triton compile) outside capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.model(self.g_ids[:bs], self.g_pos[:bs], meta)
+            if self.g_out is None:
+                self.g_out = out
+            pool = graph.pool()
+            self.graphs[bs] = (graph, out)
+            torch.cuda.synchronize()
+
+    def _replay(self, inputs: StepInputs, graph_bs: int) -> torch.Tensor:
+        n = inputs.input_ids.shape[0]
+        meta = inputs.meta
+        self.g_ids[:n] = inputs.input_ids
+        self.g_pos[:n] = inputs.positions
+        self.g_slots[:n] = meta.slot_mapping
+        self.g_slots[n:graph_bs] = -1
+        self.g_seq_lens[:n] = meta.decode_seq_lens
+        self.g_seq_lens[n:graph_bs] = 0
+        width = meta.decode_block_tables.shape[1]
+        self.g_tables[:n, :width] = meta.decode_block_tables
+        graph, out = self.graphs[graph_bs]
+        graph.replay()
+        return out
+
+    # ---- sizing the KV cache ---------------------------------------------------------------------------
+
+    def _bytes_per_block(self) -> int:
+        layers, heads, bs, dim = self.kv_shape
+        return 2 * layers * heads * bs * dim * self.dtype.itemsize
+
+    def _profile_num_blocks(self) -> int:
+        if self.device.type != "cuda":
+            useful = self.config.max_num_seqs * self.max_blocks_per_seq
+            return max(self.max_blocks_per_seq, min(useful, CPU_KV_CACHE_BYTES // self._bytes_per_block()))
+        return self._profile_gpu()
+
+    @torch.inference_mode()
+    def _profile_gpu(self) -> int:
+        """Run the largest step with a temporary cache, then give the KV cache what memory is left."""
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        non_torch = total - free - torch.cuda.memory_reserved()
+        tokens = min(self.config.max_num_batched_tokens, self.max_model_len * self.config.max_num_seqs)
+        seq_len = min(self.max_model_len, tokens)
+        num_seqs = -(-tokens // seq_len)
+        temp_blocks = num_seqs * -(-seq_len // self.block_size)
+        temp = KVCache(*self.kv_shape, num_blocks=temp_blocks, dtype=self.dtype, device=self.device)
+        temp.bind(self.attn_layers)
+        torch.cuda.reset_peak_memory_stats()
+        meta, ids, pos = self._dummy_prefill(tokens, seq_len)
+        hidden = self.model(ids, pos, meta)
+        rows = min(self.config.max_num_seqs, tokens)
+        self.model.compute_logits(hidden[:rows])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - temp.nbytes
+        del temp, hidden
+        torch.cuda.empty_cache()
+        budget = total * self.config.gpu_memory_utilization - non_torch - peak - GPU_MEMORY_MARGIN_BYTES
+        num_blocks = int(budget // self._bytes_per_block())
+        if num_blocks < self.max_blocks_per_seq:
+            raise RuntimeError(
+                f"only {max(num_blocks, 0)} KV blocks fit in GPU memory but one sequence of max_model_len "
+                f"{self.max_model_len} needs {self.max_blocks_per_seq}: raise gpu_memory_utilization or lower "
+                "max_model_len / max_num_batched_tokens")
+        return num_blocks
+
+    def _dummy_prefill(self, tokens: int, seq_len: int):
+        dev = self.device
+        lens = [min(seq_len, tokens - i) for i in range(0, tokens, seq_len)]
+        per_seq = -(-seq_len // self.block_size)
+        tables = torch.arange(len(lens) * per_seq, dtype=torch.int32, device=dev).view(len(lens), per_seq)
+        pos = torch.cat([torch.arange(n, device=dev) for n in lens])
+        seq_idx = torch.cat([torch.full((n,), i, device=dev) for i, n in enumerate(lens)])
+        slots = (tables[seq_idx, pos // self.block_size].long() * self.block_size + pos % self.block_size)
+        lens_t = torch.tensor(lens, dtype=torch.int32, device=dev)
+        meta = AttentionMetadata(
+            slot_mapping=slots, num_decode_tokens=0, decode_seq_lens=lens_t[:0], decode_block_tables=tables[:0],
+            prefill_cu_seqlens_q=torch.cat([lens_t.new_zeros(1), lens_t.cumsum(0).int()]),
+            prefill_seq_lens=lens_t, prefill_block_tables=tables, max_prefill_query_len=max(lens))
+        vocab = self.hf_config.vocab_size
+        ids = torch.randint(0, vocab, (tokens,), device=dev)
+        return meta, ids, pos.long()
+
+
+def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
+    """The longest sequence (prompt + output) the engine accepts: the config's, capped by the model's."""
+    model_max = getattr(hf_config, "max_position_embeddings", None) or 2048
+    if config.max_model_len is None:
+        return model_max
+    if config.max_model_len > model_max:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
+                         f"{model_max}; pass max_model_len <= {model_max}")
+    return config.max_model_len
+
+
+def _pad_tables(tables: list[list[int]]) -> np.ndarray:
+    width = max((len(t) for t in tables), default=1)
+    out = np.zeros((len(tables), max(width, 1)), dtype=np.int32)
+    for row, t in zip(out, tables):
+        row[:len(t)] = t
+    return out
+
+
+def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor

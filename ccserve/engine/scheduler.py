@@ -1,0 +1,121 @@
+"""Continuous batching with chunked prefill under a token budget, first come first served.
+
+Each step, running sequences go first (oldest first), each taking the tokens it still needs (one for a
+decode, a chunk for a prefill) out of max_num_batched_tokens; waiting sequences are then admitted in
+arrival order while budget, sequence slots and KV blocks last. When blocks run out, the most recently
+admitted running sequence is preempted by recompute (its blocks freed, its tokens kept), so the oldest
+request always makes progress and none starves. Nothing is ordered by user or content: a privacy rule.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ccserve.engine.sequence import Sequence, SequenceStatus
+from ccserve.kv.block_pool import BlockPool
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: decodes (one token each) first, then prefill chunks (sequence, token count)."""
+
+    decodes: list[Sequence] = field(default_factory=list)
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decodes) + sum(n for _, n in self.prefills)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decodes and not self.prefills
+
+    def items(self) -> list[tuple[Sequence, int]]:
+        """All (sequence, tokens this step) pairs in batch order."""
+        return [(s, 1) for s in self.decodes] + self.prefills
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.pool = pool
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted = False
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING or budget == 0:
+                continue
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self._grow(seq, seq.num_computed_tokens + n):
+                preempted = True
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, n))
+                budget -= n
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self._grow(seq, seq.num_computed_tokens + n):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+        batch = ScheduledBatch()
+        for seq, n in scheduled:
+            if n == 1:
+                batch.decodes.append(seq)
+            else:
+                batch.prefills.append((seq, n))
+        return batch
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Mark a sequence finished and give its blocks back (they get scrubbed)."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self._release(seq)
+
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give seq enough blocks for num_tokens tokens; False if the pool is short."""
+        need = -(-num_tokens // self.block_size) - len(seq.block_ids)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free:
+            return False
+        seq.block_ids.extend(self.pool.allocate(need))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: drop the KV, keep the tokens, put it first in line again."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_ids:
+            self.pool.free(seq.block_ids)
+            seq.block_ids = []

@@ -1,0 +1,66 @@
+"""The state of one request inside the engine."""
+from __future__ import annotations
+
+import time
+from enum import Enum, auto
+
+import torch
+
+from ccserve.engine.outputs import TokenLogprob
+from ccserve.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """Tokens, KV blocks and progress of one request.
+
+    num_computed_tokens counts tokens whose KV is in the cache. A running sequence is a decode when exactly
+    one token is uncomputed; preemption by recompute resets num_computed_tokens to 0 and keeps the tokens.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 generator: torch.Generator | None = None) -> None:
+        self.request_id = request_id
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.generator = generator
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.detokenizer = None
+        self.num_sent_tokens = 0
+        self.num_sent_chars = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
