@@ -22,6 +22,7 @@ def run_workload(llm: LLM, name: str, repeats: int = 1) -> dict:
     prompts = [ids for ids, _ in reqs]
     params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, detokenize=False) for _, o in reqs]
     llm.generate(prompts[:4], params[:4])
+    preemptions_before = llm.engine.scheduler.num_preemptions
     runs = []
     for _ in range(repeats):
         _sync()
@@ -35,7 +36,7 @@ def run_workload(llm: LLM, name: str, repeats: int = 1) -> dict:
                          total_tok_s=round((in_tok + out_tok) / seconds, 1), out_tok=out_tok))
     runs.sort(key=lambda r: r["output_tok_s"])
     median = runs[len(runs) // 2]
-    return dict(median, runs=runs, preemptions=llm.engine.scheduler.num_preemptions)
+    return dict(median, runs=runs, preemptions=llm.engine.scheduler.num_preemptions - preemptions_before)
 
 
 def run(model: str, workloads: list[str], out_dir: str | None, repeats: int = 1, **engine_kwargs) -> dict:

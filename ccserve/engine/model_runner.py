@@ -85,36 +85,45 @@ class ModelRunner:
         return self.model(inputs.input_ids, inputs.positions, inputs.meta)
 
     def _prepare(self, batch: ScheduledBatch) -> StepInputs:
+        """Flatten the batch into token, position and slot arrays (decodes first) and copy them over."""
         bs = self.block_size
-        ids, pos, slots, seq_lens, tables, sample_idx, sampling = [], [], [], [], [], [], []
-        offset = 0
-        for seq, n in batch.items():
+        decodes = batch.decodes
+        pos = [s.num_computed_tokens for s in decodes]
+        ids = [s.token_ids[p] for s, p in zip(decodes, pos)]
+        slots = [s.block_ids[p // bs] * bs + p % bs for s, p in zip(decodes, pos)]
+        seq_lens = [p + 1 for p in pos]
+        sample_idx = [i for i, s in enumerate(decodes) if s.num_computed_tokens + 1 == s.num_tokens]
+        sampling = [decodes[i] for i in sample_idx]
+        pos_arrays = [np.asarray(pos, dtype=np.int64)]
+        slot_arrays = [np.asarray(slots, dtype=np.int64)]
+        offset = len(decodes)
+        for seq, n in batch.prefills:
             start = seq.num_computed_tokens
             p = np.arange(start, start + n)
             blocks = np.asarray(seq.block_ids, dtype=np.int64)
-            ids.append(seq.token_ids[start:start + n])
-            pos.append(p)
-            slots.append(blocks[p // bs] * bs + p % bs)
+            ids.extend(seq.token_ids[start:start + n])
+            pos_arrays.append(p)
+            slot_arrays.append(blocks[p // bs] * bs + p % bs)
             seq_lens.append(start + n)
-            tables.append(seq.block_ids)
             offset += n
             if start + n == seq.num_tokens:
                 sample_idx.append(offset - 1)
                 sampling.append(seq)
-        nd = len(batch.decodes)
-        dev = self.device
-        flat_ids = np.fromiter((t for chunk in ids for t in chunk), dtype=np.int64, count=offset)
+        nd, dev = len(decodes), self.device
+        tables = [s.block_ids for s in decodes] + [s.block_ids for s, _ in batch.prefills]
+        cu_q = np.zeros(len(batch.prefills) + 1, dtype=np.int32)
+        np.cumsum([n for _, n in batch.prefills], out=cu_q[1:])
         meta = AttentionMetadata(
-            slot_mapping=_to(np.concatenate(slots), dev),
+            slot_mapping=_to(np.concatenate(slot_arrays), dev),
             num_decode_tokens=nd,
             decode_seq_lens=_to(np.asarray(seq_lens[:nd], dtype=np.int32), dev),
             decode_block_tables=_to(_pad_tables(tables[:nd]), dev),
-            prefill_cu_seqlens_q=_to(np.concatenate([[0], np.cumsum([n for _, n in batch.prefills])]).astype(np.int32), dev),
+            prefill_cu_seqlens_q=_to(cu_q, dev),
             prefill_seq_lens=_to(np.asarray(seq_lens[nd:], dtype=np.int32), dev),
             prefill_block_tables=_to(_pad_tables(tables[nd:]), dev),
             max_prefill_query_len=max((n for _, n in batch.prefills), default=0),
         )
-        return StepInputs(_to(flat_ids, dev), _to(np.concatenate(pos), dev), meta,
+        return StepInputs(_to(np.asarray(ids, dtype=np.int64), dev), _to(np.concatenate(pos_arrays), dev), meta,
                           _to(np.asarray(sample_idx, dtype=np.int64), dev), sampling)
 
     # ---- CUDA graphs for decode batches ----------------------------------------------------------------

@@ -1,0 +1,115 @@
+"""GPU run of the engine, in one call: correctness first, then the HBM floor, batch-1 decode, workloads.
+
+Usage (on the GPU machine, repository root): python bench/gpu_engine.py [WORKLOAD ...]
+Env: OUT (directory for the JSON), CCSERVE_COMMIT (commit id; the device copy has no .git),
+MAX_NUM_SEQS, MAX_BATCHED, SKIP_CHECK=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ccserve import LLM, SamplingParams  # noqa: E402
+from ccserve.bench.throughput import commit, machine, run_workload  # noqa: E402
+
+MODEL = Path(__file__).resolve().parent / "models" / os.environ.get("MODEL", "llama3-8b")
+
+
+def check_against_hf() -> dict:
+    """Greedy tokens of a tiny random Llama on the GPU (Triton kernels, CUDA graphs) equal HF's."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import make_tiny_model_dir
+    results = {}
+    for family in ("llama", "qwen3", "opt"):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = make_tiny_model_dir(Path(tmp) / family, family)
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+            llm = LLM(str(path), dtype="float32", max_model_len=256, gpu_memory_utilization=0.3, num_gpu_blocks=256)
+            prompts = [[5 + i, 17, 42 + i, 99, 3] * (i + 1) for i in range(4)]
+            outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+            same = 0
+            for p, o in zip(prompts, outs):
+                ref = hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=32, do_sample=False,
+                                  min_new_tokens=32)[0, len(p):].tolist()
+                same += ref == o.token_ids
+            results[family] = f"{same}/{len(prompts)} greedy sequences identical"
+            del llm, hf
+            torch.cuda.empty_cache()
+    return results
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy GB/s, counting bytes read plus written (the HBM floor's denominator)."""
+    import triton.testing
+    src = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    gbps = 2 * src.nbytes / ms / 1e6
+    del src, dst
+    return gbps
+
+
+def batch1_decode(llm: LLM, context: int = 1024, steps: int = 256) -> float:
+    """Milliseconds per output token for one sequence at ~context tokens (prefill excluded)."""
+    prompt = torch.randint(10, 128000, (context,)).tolist()
+    timings = []
+    for n in (1, steps + 1, 1, steps + 1):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False))
+        torch.cuda.synchronize()
+        timings.append(time.perf_counter() - t)
+    prefill = min(timings[0], timings[2])
+    full = min(timings[1], timings[3])
+    return (full - prefill) / steps * 1e3
+
+
+def main() -> None:
+    out_dir = Path(os.environ.get("OUT", "bench/results"))
+    workloads = sys.argv[1:] or ["A-mixed", "C-decode", "B-pressure"]
+    result = dict(machine=machine(), commit=commit(), model=MODEL.name, results={})
+    if not os.environ.get("SKIP_CHECK"):
+        result["check"] = check_against_hf()
+        print("check", result["check"], flush=True)
+    result["copy_gbps"] = round(copy_bandwidth(), 1)
+    kwargs = dict(load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.9,
+                  max_num_seqs=int(os.environ.get("MAX_NUM_SEQS", 256)),
+                  max_num_batched_tokens=int(os.environ.get("MAX_BATCHED", 8192)))
+    t = time.perf_counter()
+    llm = LLM(str(MODEL), **kwargs)
+    result["startup_s"] = round(time.perf_counter() - t, 1)
+    result["settings"] = dict(kwargs, num_kv_blocks=llm.engine.runner.num_blocks)
+    weight_bytes = sum(p.nbytes for p in llm.engine.runner.model.parameters())
+    floor_ms = weight_bytes / (result["copy_gbps"] * 1e9) * 1e3
+    ms = batch1_decode(llm)
+    result["batch1_decode_1k"] = dict(ms_per_token=round(ms, 3), hbm_floor_ms=round(floor_ms, 3),
+                                      ratio_to_floor=round(ms / floor_ms, 3), weight_gb=round(weight_bytes / 1e9, 2))
+    print("batch1", result["batch1_decode_1k"], flush=True)
+    peers = {"A-mixed": 8597, "B-pressure": 9479, "C-decode": 7036}
+    for name in workloads:
+        r = run_workload(llm, name, repeats=int(os.environ.get("REPEATS", 1)))
+        r["vs_vllm"] = round(r["output_tok_s"] / peers[name], 3)
+        result["results"][name] = r
+        print(name, r, flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu_engine.json").write_text(json.dumps(result, indent=1))
+    print("\n| what | value |\n|---|---|")
+    print(f"| copy GB/s | {result['copy_gbps']} |")
+    b = result["batch1_decode_1k"]
+    print(f"| batch-1 decode @1K | {b['ms_per_token']} ms (floor {b['hbm_floor_ms']}, x{b['ratio_to_floor']}) |")
+    for name, r in result["results"].items():
+        print(f"| {name} | {r['output_tok_s']} out tok/s, {r['seconds']} s, x{r['vs_vllm']} vLLM, "
+              f"{r['preemptions']} preemptions |")
+
+
+if __name__ == "__main__":
+    main()
