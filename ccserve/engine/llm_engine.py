@@ -87,10 +87,11 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch. Outputs cover every request that sampled a token or finished."""
-        self.runner.scrub(self.pool.take_blocks_to_scrub())
         batch = self.scheduler.schedule()
+        # Blocks freed by preemption inside schedule() may already belong to a new owner: zero them now,
+        # before this step writes the new owner's keys and values into them.
+        self.runner.scrub(self.pool.take_blocks_to_scrub())
         if batch.empty:
-            self.runner.scrub(self.pool.take_blocks_to_scrub())
             return []
         try:
             seqs, sampled = self.runner.execute(batch)

@@ -1,0 +1,153 @@
+"""The engine end to end on tiny random models (CPU, float32): against HF transformers, under batching,
+chunking and preemption, with bad input, and without leaking or leaving KV blocks unscrubbed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from ccserve import LLM, SamplingParams
+from ccserve.config import EngineConfig
+from ccserve.engine.llm_engine import LLMEngine
+from tests.tiny_models import make_tiny_model_dir
+
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine-models")
+    return {f: make_tiny_model_dir(root / f, f) for f in ("llama", "qwen2", "qwen3", "mistral", "opt")}
+
+
+def prompts_of(n: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(5, 500, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def hf_greedy(model_dir, prompt: list[int], n: int) -> list[int]:
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def assert_no_leak(llm: LLM) -> None:
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert not llm.engine.requests and not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "opt"])
+def test_greedy_matches_hf_in_a_batch(model_dirs, family):
+    llm = LLM(str(model_dirs[family]), max_model_len=256, num_gpu_blocks=64)
+    prompts = prompts_of(3, seed=hash(family) % 1000)
+    outs = llm.generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(model_dirs[family], prompt, 32)
+        assert out.finish_reason == "length" and out.finished
+    assert_no_leak(llm)
+
+
+def test_alone_equals_batched_chunked_and_preempted(model_dirs):
+    """Same greedy tokens alone, batched, with tiny chunks, and when blocks run out and force recompute."""
+    path = str(model_dirs["llama"])
+    prompts = prompts_of(6, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    alone = [LLM(path, max_model_len=256, num_gpu_blocks=64).generate([p], params)[0].token_ids for p in prompts]
+    batched = LLM(path, max_model_len=256, num_gpu_blocks=64)
+    assert [o.token_ids for o in batched.generate(prompts, params)] == alone
+    chunked = LLM(path, max_model_len=256, num_gpu_blocks=64, max_num_batched_tokens=7)
+    assert [o.token_ids for o in chunked.generate(prompts, params)] == alone
+    tight = LLM(path, max_model_len=96, num_gpu_blocks=12, block_size=8)
+    assert [o.token_ids for o in tight.generate(prompts, params)] == alone
+    assert tight.engine.scheduler.num_preemptions > 0
+    for llm in (batched, chunked, tight):
+        assert_no_leak(llm)
+
+
+def test_seeded_sampling_is_independent_of_batch(model_dirs):
+    llm = LLM(str(model_dirs["qwen2"]), max_model_len=256, num_gpu_blocks=64)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=20, ignore_eos=True)
+    noisy = SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)
+    prompt = prompts_of(1, seed=9)[0]
+    alone = llm.generate([prompt], seeded)[0].token_ids
+    mixed = llm.generate(prompts_of(3, seed=1) + [prompt], [noisy] * 3 + [seeded])[3].token_ids
+    assert alone == mixed
+    assert_no_leak(llm)
+
+
+def test_stop_conditions(model_dirs):
+    llm = LLM(str(model_dirs["llama"]), max_model_len=64, num_gpu_blocks=64)
+    prompt = prompts_of(1, seed=5)[0]
+    free_run = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    stop_id = free_run.token_ids[5]
+    first = free_run.token_ids.index(stop_id)
+    stopped = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                    stop_token_ids=[stop_id]))[0]
+    assert stopped.token_ids == free_run.token_ids[:first + 1] and stopped.finish_reason == "stop"
+    text = free_run.text
+    stop_str = text[len(text) // 2:len(text) // 2 + 3]
+    by_str = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop_str]))[0]
+    assert by_str.finish_reason == "stop" and by_str.text == text[:text.index(stop_str)]
+    long_prompt = prompts_of(1, seed=6)[0] * 3
+    capped = llm.generate([long_prompt[:60]], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
+    assert len(capped.token_ids) == 4 and capped.finish_reason == "length"  # max_model_len 64
+    assert_no_leak(llm)
+
+
+def test_abort_frees_and_scrubs_blocks(model_dirs):
+    engine = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), max_model_len=128, num_gpu_blocks=32))
+    engine.add_request("a", prompts_of(1, seed=2)[0] * 2, SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.add_request("b", prompts_of(1, seed=4)[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    used = list(engine.requests["a"].block_ids)
+    assert used and engine.runner.kv_cache.k[:, used].abs().sum() > 0
+    engine.abort_request("a")
+    assert engine.runner.kv_cache.k[:, used].abs().sum() == 0 and engine.runner.kv_cache.v[:, used].abs().sum() == 0
+    while engine.has_unfinished_requests():
+        engine.step()
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+    assert engine.runner.kv_cache.k.abs().sum() == 0, "finished requests' KV must be scrubbed"
+
+
+def test_bad_input_is_named(model_dirs, tmp_path):
+    llm = LLM(str(model_dirs["llama"]), max_model_len=64, num_gpu_blocks=16)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([list(range(5, 70))], SamplingParams())
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], SamplingParams())
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate([[1, 10**9]], SamplingParams())
+    for bad, field in ((dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-1), "temperature"),
+                       (dict(max_tokens=0), "max_tokens"), (dict(top_k=-3), "top_k"), (dict(min_p=2), "min_p")):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**bad)
+    assert_no_leak(llm)
+    # a good request still works after the bad ones
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+    with pytest.raises(ValueError, match="does not exist"):
+        LLM(str(tmp_path / "missing"))
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    config = json.loads((model_dirs["llama"] / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        LLM(str(odd), load_format="dummy")
+
+
+def test_chat_text_prompt_and_logprobs(model_dirs):
+    llm = LLM(str(model_dirs["qwen3"]), max_model_len=128, num_gpu_blocks=32)
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hello there"}], tokenize=False,
+                                               add_generation_prompt=True)
+    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3))[0]
+    assert len(out.logprobs) == 8
+    for lp, token in zip(out.logprobs, out.token_ids):
+        assert lp.token_id == token and len(lp.top) == 3 and lp.logprob <= 0
+        assert max(lp.top.values()) == pytest.approx(lp.logprob, abs=1e-5)  # greedy picks the top token
+    assert_no_leak(llm)
