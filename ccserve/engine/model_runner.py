@@ -35,6 +35,8 @@ class ModelRunner:
         self.config = config
         self.device = config.torch_device
         if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
         self.model, self.hf_config = load_model(config)

@@ -1,0 +1,166 @@
+"""Build a model from an HF-format directory: read config.json, construct the model directly on the target
+device in the compute dtype, then fill it from the safetensors files (or with dummy values)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+from ccserve.config import EngineConfig
+from ccserve.layers.linear import MergedLinear
+from ccserve.layers.norm import RMSNorm
+from ccserve.models.registry import get_model_class
+
+DUMMY_RANGE = 1e-3  # vLLM's dummy weights: uniform in [-1e-3, 1e-3]
+
+
+def load_model(config: EngineConfig) -> tuple[nn.Module, transformers.PretrainedConfig]:
+    """The model, in eval mode on config.torch_device, and its HF config."""
+    hf_config = read_hf_config(config.model)
+    model_class = get_model_class(hf_config)
+    check_sliding_window(hf_config, config.max_model_len)
+    dtype = config.torch_dtype(checkpoint_dtype(hf_config))
+    # Parameters are created where they will live: an 8B model never passes through host memory.
+    with _default_dtype(dtype), torch.device(config.torch_device):
+        model = model_class(hf_config)
+    if config.load_format == "dummy":
+        init_dummy_weights(model, config.seed)
+    else:
+        model.load_weights(iterate_safetensors(safetensors_files(config.model)))
+    return model.eval(), hf_config
+
+
+def read_hf_config(model_dir: str) -> transformers.PretrainedConfig:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ValueError(f"model directory {model_dir!r} does not exist: pass an HF-format directory "
+                         "(config.json, *.safetensors, tokenizer files)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model directory {model_dir!r} has no config.json: pass an HF-format model directory")
+    try:
+        return transformers.AutoConfig.from_pretrained(path)
+    except ValueError as e:  # e.g. a model_type this transformers version does not know
+        raise ValueError(f"config.json in {model_dir!r} could not be read by transformers: {e}") from e
+
+
+def checkpoint_dtype(hf_config: transformers.PretrainedConfig) -> torch.dtype | None:
+    """The dtype config.json declares (transformers 5 calls it dtype, older configs torch_dtype)."""
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def sliding_window(hf_config: transformers.PretrainedConfig) -> int | None:
+    """The attention window of the model, or None when every layer sees the whole context. transformers 5
+    lists per-layer attention kinds in layer_types (Qwen2/3); Mistral applies sliding_window to all layers."""
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return getattr(hf_config, "sliding_window", None)
+
+
+def check_sliding_window(hf_config: transformers.PretrainedConfig, max_model_len: int | None) -> None:
+    """Our attention is full causal attention; it equals sliding-window attention only while sequences fit
+    in the window, so longer limits are refused rather than silently computed differently."""
+    window = sliding_window(hf_config)
+    max_len = max_model_len or hf_config.max_position_embeddings
+    if window is not None and window < max_len:
+        raise ValueError(f"{hf_config.architectures[0]} uses sliding-window attention (sliding_window={window} "
+                         f"in config.json), which ccserve does not implement; pass max_model_len <= {window} "
+                         "so that the window never slides")
+
+
+def safetensors_files(model_dir: str) -> list[Path]:
+    """The checkpoint's files: those its index names if it has one (repos may also hold consolidated
+    copies under other names), else every *.safetensors."""
+    path = Path(model_dir)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model directory {model_dir!r} has no *.safetensors files; convert the checkpoint "
+                         "to safetensors, or use load_format='dummy' for random weights")
+    return files
+
+
+def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in tqdm(files, desc="Loading safetensors", unit="file"):
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+@torch.no_grad()
+def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                param_for: Callable[[str], tuple[str, int | None] | None]) -> None:
+    """Copy checkpoint tensors into the model's parameters; the models' load_weights share this.
+
+    param_for maps a checkpoint name to (parameter name, shard index within a MergedLinear, or None for the
+    whole parameter), or to None for tensors the model does not use. Unknown names, wrong shapes and
+    parameters the checkpoint never filled are errors: a silently half-loaded model produces fluent garbage.
+    """
+    params = dict(model.named_parameters())
+    pending = {(name, shard) for name in params for shard in _shards(model, name)}
+    for ckpt_name, tensor in weights:
+        target = param_for(ckpt_name)
+        if target is None:
+            continue
+        name, shard = target
+        if name not in params:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} matches no parameter of {type(model).__name__}: "
+                             "config.json's architectures does not fit these weights")
+        dest = params[name] if shard is None else _owner(model, name).shard(params[name], shard)
+        if dest.shape != tensor.shape:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, but "
+                             f"{type(model).__name__} expects {tuple(dest.shape)}: config.json does not match "
+                             "the weights")
+        dest.copy_(tensor)
+        pending -= {(name, s) for s in _shards(model, name)} if shard is None else {(name, shard)}
+    if pending:
+        missing = sorted(name if shard is None else f"{name} (part {shard + 1})" for name, shard in pending)
+        raise ValueError(f"the checkpoint lacks {len(missing)} parameter(s) of {type(model).__name__}, e.g. "
+                         f"{', '.join(missing[:5])}: it is incomplete or of another architecture "
+                         "(use load_format='dummy' for random weights)")
+
+
+def _owner(model: nn.Module, param_name: str) -> nn.Module:
+    return model.get_submodule(param_name.rpartition(".")[0])
+
+
+def _shards(model: nn.Module, param_name: str) -> list[int | None]:
+    owner = _owner(model, param_name)
+    return list(range(len(owner.output_sizes))) if isinstance(owner, MergedLinear) else [None]
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Deterministic random weights generated on the device (seconds for 8B on a GPU), for benchmarks that
+    need the shapes but not the values. Norm scales are 1 and shifts 0, so activations keep a sane size."""
+    generator = None
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, (RMSNorm, nn.LayerNorm)):
+                param.fill_(1.0 if name == "weight" else 0.0)
+                continue
+            if generator is None:
+                generator = torch.Generator(param.device).manual_seed(seed)
+            param.uniform_(-DUMMY_RANGE, DUMMY_RANGE, generator=generator)
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

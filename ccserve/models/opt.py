@@ -1,0 +1,118 @@
+"""OPT (Meta, 2022): learned positions, LayerNorm, ReLU MLP, biases everywhere, tied LM head.
+
+Two variants exist: pre-LN (125m, 1.3b and up) and post-LN with a narrower word embedding projected in and out
+(350m: do_layer_norm_before false, word_embed_proj_dim 512 < hidden_size 1024).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+
+from ccserve.layers.attention import Attention, AttentionMetadata
+from ccserve.layers.embedding import Embedding
+from ccserve.layers.linear import Linear, MergedLinear
+from ccserve.models.loader import load_params
+
+POSITION_OFFSET = 2  # OPT's position table has two extra leading rows (a fairseq padding legacy)
+_PACKED = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, cfg: PretrainedConfig) -> None:
+        super().__init__()
+        hidden, heads = cfg.hidden_size, cfg.num_attention_heads
+        self.qkv_proj = MergedLinear(hidden, [hidden] * 3, bias=cfg.enable_bias)
+        self.out_proj = Linear(hidden, hidden, bias=cfg.enable_bias)
+        self.attn = Attention(heads, heads, hidden // heads, scale=(hidden // heads) ** -0.5)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
+        return self.out_proj(self.attn(q.contiguous(), k.contiguous(), v.contiguous(), meta))
+
+
+class OPTDecoderLayer(nn.Module):
+    def __init__(self, cfg: PretrainedConfig) -> None:
+        super().__init__()
+        self.pre_norm = cfg.do_layer_norm_before
+        affine = cfg.layer_norm_elementwise_affine
+        self.self_attn = OPTAttention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine)
+        self.fc1 = Linear(cfg.hidden_size, cfg.ffn_dim, bias=cfg.enable_bias)
+        self.fc2 = Linear(cfg.ffn_dim, cfg.hidden_size, bias=cfg.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, elementwise_affine=affine)
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        h = self.self_attn_layer_norm(x) if self.pre_norm else x
+        x = x + self.self_attn(h, meta)
+        if not self.pre_norm:
+            x = self.self_attn_layer_norm(x)
+        h = self.final_layer_norm(x) if self.pre_norm else x
+        x = x + self.fc2(F.relu(self.fc1(h)))
+        return x if self.pre_norm else self.final_layer_norm(x)
+
+
+class OPTDecoder(nn.Module):
+    def __init__(self, cfg: PretrainedConfig) -> None:
+        super().__init__()
+        proj_dim, hidden = cfg.word_embed_proj_dim, cfg.hidden_size
+        self.embed_tokens = Embedding(cfg.vocab_size, proj_dim)
+        self.embed_positions = Embedding(cfg.max_position_embeddings + POSITION_OFFSET, hidden)
+        self.project_in = Linear(proj_dim, hidden) if proj_dim != hidden else None
+        self.project_out = Linear(hidden, proj_dim) if proj_dim != hidden else None
+        keep_final_norm = cfg.do_layer_norm_before and not getattr(cfg, "_remove_final_layer_norm", False)
+        self.final_layer_norm = (nn.LayerNorm(hidden, elementwise_affine=cfg.layer_norm_elementwise_affine)
+                                 if keep_final_norm else None)
+        self.layers = nn.ModuleList(OPTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        x = x + self.embed_positions(positions + POSITION_OFFSET)
+        for layer in self.layers:
+            x = layer(x, meta)
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        return x if self.project_out is None else self.project_out(x)
+
+
+class OPTForCausalLM(nn.Module):
+    """OPT; its LM head is the token embedding (tie_word_embeddings, true for all published checkpoints)."""
+
+    def __init__(self, hf_config: PretrainedConfig) -> None:
+        super().__init__()
+        if hf_config.activation_function != "relu":
+            raise ValueError(f"OPT activation_function {hf_config.activation_function!r} (config.json) is not "
+                             "supported; published OPT checkpoints use 'relu'")
+        self.model = nn.ModuleDict({"decoder": OPTDecoder(hf_config)})  # HF names: model.decoder.*
+        self.tie_word_embeddings = getattr(hf_config, "tie_word_embeddings", True)
+        self.lm_head = (self.model.decoder.embed_tokens if self.tie_word_embeddings
+                        else Linear(hf_config.word_embed_proj_dim, hf_config.vocab_size))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """input_ids, positions: [T] -> [T, word_embed_proj_dim] (= hidden_size except for 350m)."""
+        return self.model.decoder(input_ids, positions, meta)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states, self.lm_head.weight).float()
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.decoder.layers]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors (with or without the "model." prefix that OPTModel checkpoints lack)."""
+        load_params(self, weights, self._param_for)
+
+    def _param_for(self, name: str) -> tuple[str, int | None] | None:
+        if name == "lm_head.weight":
+            return None if self.tie_word_embeddings else (name, None)
+        if not name.startswith("model."):
+            name = "model." + name
+        for hf_name, shard in _PACKED.items():
+            if f".{hf_name}." in name:
+                return name.replace(f".{hf_name}.", ".qkv_proj."), shard
+        return name, None
