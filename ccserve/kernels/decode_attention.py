@@ -1,9 +1,34 @@
-"""Attention of one new query per sequence over its paged KV cache (the decode step)."""
+"""Attention of one new query per sequence over its paged KV cache (the decode step).
+
+Decode is bound by reading the KV cache, so the Triton kernel is built to read each cached byte once:
+one program takes one (sequence, KV head, split) and all query heads of that KV head's group together
+(GQA packing: the group's rows padded to >= 16 so scores come from tl.dot). Long contexts with few
+sequences are split along the context (split-K) so that every SM has work; a second small kernel merges
+the splits' partial softmax results. The split count depends only on shapes and the SM count, never on
+the values of seq_lens, so the call is CUDA-graph safe (no host synchronization).
+"""
 from __future__ import annotations
 
-import torch
+import functools
+from dataclasses import dataclass
 
-from ccserve.kernels.prefill_attention import gather_kv
+import torch
+import triton
+import triton.language as tl
+
+from ccserve.kernels.prefill_attention import LOG2E, attend_kv_tile, dot_types, gather_kv
+
+MIN_SPLIT_TOKENS = 256       # do not split a context into pieces shorter than this
+MAX_SPLITS = 64
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the partial kernel: block_n cached tokens per inner-loop tile."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
 
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
@@ -22,5 +47,146 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out
 
 
-def decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale, out=None):
+@triton.jit
+def _decode_partial_kernel(
+        Q, KCache, VCache, SeqLens, BlockTables, Out, PartM, PartL, PartAcc, qk_scale,
+        stride_qb, stride_qh, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_bt, stride_ob, stride_oh, stride_od,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax of one group of query heads over one split of one sequence's context.
+
+    With one split the normalized result goes straight to Out; otherwise the running max (log2 domain),
+    the sum of exponentials and the unnormalized accumulator go to the Part* buffers for the reduce kernel.
+    """
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(SeqLens + seq)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_base = KCache + kv_head * stride_kh + offs_d[None, :] * stride_kd
+    v_base = VCache + kv_head * stride_vh + offs_d[None, :] * stride_vd
+    table = BlockTables + seq.to(tl.int64) * stride_bt
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        pos = tile_start + offs_n
+        pos_mask = pos < end
+        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_base, v_base, table, pos, pos_mask, d_mask,
+                                       pos_mask[None, :], qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                                       BLOCK_SIZE, DOT_PRECISION, True)
+
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(Out + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 out.to(Out.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    else:
+        num_heads = GROUP * tl.num_programs(1)
+        part = (seq * num_heads + heads) * NUM_SPLITS + split          # index into [B, H, NUM_SPLITS]
+        tl.store(PartM + part, m_i, mask=g_mask)
+        tl.store(PartL + part, l_i, mask=g_mask)
+        tl.store(PartAcc + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=g_mask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(Out, PartM, PartL, PartAcc, stride_ob, stride_oh, stride_od,
+                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the splits of one (sequence, head): rescale each by exp2(m_split - m_max) and normalize.
+
+    Empty splits carry m = -inf, l = 0; a sequence with no tokens at all (padding) yields zeros.
+    """
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
+    m = tl.load(PartM + part)
+    l = tl.load(PartL + part)
+    acc = tl.load(PartAcc + part[:, None] * BLOCK_D + offs_d[None, :])
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)
+    l_sum = tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(l_sum == 0.0, 1.0, l_sum)
+    tl.store(Out + seq * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """SMs of the device (cached: the split heuristic asks on every call); the interpreter gets a few."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """How many pieces to cut each context into: enough programs for two per SM, pieces >= MIN_SPLIT_TOKENS.
+
+    Uses only static quantities (max_context = block_tables.shape[1] * block_size), so a captured CUDA graph
+    stays valid for any seq_lens; each sequence divides its actual length into that many pieces.
+    """
+    wanted = triton.cdiv(2 * num_sms, batch * num_kv_heads)
+    by_context = triton.cdiv(max_context, MIN_SPLIT_TOKENS)
+    splits = max(1, min(wanted, by_context, MAX_SPLITS))
+    return triton.next_power_of_2(splits)
+
+
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                            block_tables: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+                            num_splits: int | None = None, config: DecodeConfig | None = None) -> torch.Tensor:
+    """Same contract as decode_attention_ref; num_splits (a power of two) and config override the defaults
+    (tests, tuning)."""
+    out = torch.empty_like(q) if out is None else out
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    if batch == 0:
+        return out
+    group = num_heads // num_kv_heads
+    cfg = config or DecodeConfig()
+    if num_splits is None:
+        num_splits = num_decode_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, num_sms(q.device))
+    block_d = triton.next_power_of_2(head_dim)
+    dot_fp32, dot_precision = dot_types(q)
+    if num_splits > 1:
+        part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out        # unused by the kernel
+    _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, seq_lens, block_tables, out, part_m, part_l, part_acc, scale * LOG2E,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+        DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            out, part_m, part_l, part_acc, *out.stride(),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     block_tables: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    if q.is_cuda:
+        return decode_attention_triton(q, k_cache, v_cache, seq_lens, block_tables, scale, out)
     return decode_attention_ref(q, k_cache, v_cache, seq_lens, block_tables, scale, out)

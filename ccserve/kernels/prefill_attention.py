@@ -1,7 +1,20 @@
-"""Causal attention of prefill (and chunked-prefill) queries over the paged KV cache."""
+"""Causal attention of prefill (and chunked-prefill) queries over the paged KV cache.
+
+The Triton kernel is FlashAttention-2 style: one program owns BLOCK_M queries of one head, walks the
+sequence's cached keys and values in BLOCK_N-token tiles (looked up through the block table token by
+token, so any block_size works) and keeps an online softmax in fp32. Keys entirely before the tile's first
+query need no causal mask and are visited in a separate, mask-free loop; keys after its last query are
+never visited.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -34,6 +47,176 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     return out
 
 
-def prefill_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, max_query_len, out=None):
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tile shape and launch parameters of the prefill kernel (block_m queries x block_n keys)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def prefill_config(head_dim: int, dtype: torch.dtype) -> PrefillConfig:
+    """Defaults for sm_90: Q tile + num_stages K/V tiles must fit the 228 KB of shared memory per SM."""
+    if dtype == torch.float32 or head_dim > 128:
+        return PrefillConfig(64, 32, 4, 2)
+    if head_dim <= 64:
+        return PrefillConfig(128, 64, 4, 3)
+    return PrefillConfig(128, 64, 8, 3)
+
+
+def dot_types(q: torch.Tensor) -> tuple[bool, str]:
+    """Whether the kernels' tl.dot operands are upcast to fp32, and the input precision of tl.dot.
+
+    Operands are in the query's dtype (K/V tiles are cast to it in-kernel); fp32 runs with IEEE precision
+    since TF32 would lose the accuracy an fp32 caller asked for. The CPU interpreter's bf16 tl.dot multiplies
+    the raw bits, so off the GPU bf16 is upcast to fp32.
+    """
+    fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda)
+    return fp32, "ieee" if fp32 else "tf32"
+
+
+@triton.jit
+def attend_kv_tile(q, acc, l_i, m_i, k_base, v_base, table, pos, pos_mask, d_mask, visible, qk_scale,
+                   stride_kb, stride_ks, stride_vb, stride_vs,
+                   BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """Fold the cached tokens at positions pos (one tile) into the online softmax (acc, l_i, m_i).
+
+    q: [M, D] in the dot dtype; k_base/v_base point at (kv_head, dim) and are offset here by each
+    token's page (from the block table) and row within the page. pos_mask guards the loads; with MASKED,
+    visible ([M, N] or broadcastable) decides which scores count. Scores are in the log2 domain.
+    """
+    page = tl.load(table + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
+    row = pos % BLOCK_SIZE
+    kv_mask = pos_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_base + page[:, None] * stride_kb + row[:, None] * stride_ks, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + page[:, None] * stride_vb + row[:, None] * stride_vs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _find_sequence(CuSeqlensQ, num_seqs, slot, BLOCK_M: tl.constexpr):
+    """The sequence owning tile slot `slot`, where sequence s owns the slots from cu_seqlens_q[s] // BLOCK_M + s.
+
+    Those first slots strictly increase with s and leave each sequence room for all its tiles, so the owner
+    is the last sequence whose first slot is <= slot: a count, read 64 sequences per load.
+    """
+    count = 0
+    for start in range(0, num_seqs, 64):
+        s = start + tl.arange(0, 64)
+        first = tl.load(CuSeqlensQ + s, mask=s < num_seqs, other=0) // BLOCK_M + s
+        count += tl.sum(((first <= slot) & (s < num_seqs)).to(tl.int32), 0)
+    return count - 1
+
+
+@triton.jit
+def _prefill_kernel(
+        Q, KCache, VCache, CuSeqlensQ, SeqLens, BlockTables, Out, qk_scale, num_seqs, num_slots,
+        stride_qt, stride_qh, stride_qd,
+        stride_kb, stride_kh, stride_ks, stride_kd,
+        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_bt, stride_ot, stride_oh, stride_od,
+        NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One program: BLOCK_M queries of one head of one sequence.
+
+    Programs are numbered (tile slot, head) with head fastest, so the heads of one GQA group run side by side
+    (their K/V tiles are shared in L2), and slots in reverse so each sequence's longest causal rows start
+    first. Each sequence has at most one unused slot (see _find_sequence); its programs return at once.
+    """
+    pid = tl.program_id(0)
+    head = pid % NUM_HEADS
+    slot = num_slots - 1 - pid // NUM_HEADS
+    seq = _find_sequence(CuSeqlensQ, num_seqs, slot, BLOCK_M)
+    q_start = tl.load(CuSeqlensQ + seq)
+    q_len = tl.load(CuSeqlensQ + seq + 1) - q_start
+    tile = slot - (q_start // BLOCK_M + seq)
+    if tile * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(SeqLens + seq)
+    context = seq_len - q_len                   # tokens cached before this chunk
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < q_len
+    d_mask = offs_d < HEAD_DIM
+    q_pos = context + offs_m
+    tokens = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + tokens[:, None] * stride_qt + head * stride_qh + offs_d[None, :] * stride_qd,
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    kv_head = head // GROUP
+    k_base = KCache + kv_head * stride_kh + offs_d[None, :] * stride_kd
+    v_base = VCache + kv_head * stride_vh + offs_d[None, :] * stride_vd
+    table = BlockTables + seq.to(tl.int64) * stride_bt
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Keys before the tile's first query are visible to every row: no mask.
+    full_end = (context + tile * BLOCK_M) // BLOCK_N * BLOCK_N
+    for tile_start in range(0, full_end, BLOCK_N):
+        pos = tile_start + offs_n
+        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_base, v_base, table, pos, pos < seq_len, d_mask, None,
+                                       qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                                       BLOCK_SIZE, DOT_PRECISION, False)
+    # The diagonal: causal mask. Key 0 is visible to every row, so no row's max stays -inf.
+    kv_end = tl.minimum(context + (tile + 1) * BLOCK_M, seq_len)
+    for tile_start in range(full_end, kv_end, BLOCK_N):
+        pos = tile_start + offs_n
+        pos_mask = pos < kv_end
+        visible = (pos[None, :] <= q_pos[:, None]) & pos_mask[None, :]
+        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_base, v_base, table, pos, pos_mask, d_mask, visible,
+                                       qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
+                                       BLOCK_SIZE, DOT_PRECISION, True)
+
+    out = acc / l_i[:, None]
+    tl.store(Out + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+                             scale: float, max_query_len: int, out: torch.Tensor | None = None,
+                             config: PrefillConfig | None = None) -> torch.Tensor:
+    """Same contract as prefill_attention_ref; config overrides the tile defaults (tests, tuning).
+
+    max_query_len is not needed here: the grid is sized from the number of tokens and sequences.
+    """
+    out = torch.empty_like(q) if out is None else out
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    cfg = config or prefill_config(head_dim, q.dtype)
+    dot_fp32, dot_precision = dot_types(q)
+    num_slots = num_tokens // cfg.block_m + num_seqs        # enough for every sequence's tiles, no host sync
+    _prefill_kernel[(num_slots * num_heads,)](
+        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, scale * LOG2E, num_seqs, num_slots,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
+        NUM_HEADS=num_heads, GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[2],
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_query_len: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    if q.is_cuda:
+        return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
+                                        max_query_len, out)
     return prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
                                  max_query_len, out)
