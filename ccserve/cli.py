@@ -49,7 +49,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                    add_generation_prompt=True)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                            seed=args.seed)
+                            seed=args.sampling_seed)
     out = llm.generate([prompt], params)[0]
     print(out.text)
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="offline throughput on named workloads (dummy weights by default)")

@@ -1,0 +1,76 @@
+"""Where a decode step's time goes: host-side phases timed with a wall clock, GPU kernels with the torch profiler.
+
+Usage (GPU machine, repository root): python bench/gpu_profile.py [BATCH] [CONTEXT]
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ccserve import LLM, SamplingParams  # noqa: E402
+
+MODEL = Path(__file__).resolve().parent / "models" / "llama3-8b"
+
+
+def phase_times(llm: LLM, steps: int) -> dict[str, float]:
+    """Median milliseconds of each phase of engine.step(), synchronizing around the GPU part."""
+    engine, runner = llm.engine, llm.engine.runner
+    times = defaultdict(list)
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        inputs = runner._prepare(batch)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            hidden = runner._forward(inputs, batch)
+            torch.cuda.synchronize()
+            t3 = time.perf_counter()
+            logits = runner.model.compute_logits(hidden[inputs.sample_indices])
+            from ccserve.layers.sampler import SamplingBatch
+            sb = SamplingBatch.build([s.params for s in inputs.sampling_seqs],
+                                     [s.generator for s in inputs.sampling_seqs], runner.device)
+            sampled = runner.sampler(logits, sb)
+            torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        for seq, n in batch.items():
+            seq.num_computed_tokens += n
+        engine._apply(inputs.sampling_seqs, sampled)
+        t5 = time.perf_counter()
+        for name, a, b in (("schedule", t0, t1), ("prepare+h2d", t1, t2), ("forward", t2, t3),
+                           ("logits+sample", t3, t4), ("apply", t4, t5), ("total", t0, t5)):
+            times[name].append((b - a) * 1e3)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def main() -> None:
+    batch = int(sys.argv[1]) if len(sys.argv) > 1 else 64
+    context = int(sys.argv[2]) if len(sys.argv) > 2 else 512
+    llm = LLM(str(MODEL), load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.9)
+    prompts = [torch.randint(10, 128000, (context,)).tolist() for _ in range(batch)]
+    params = SamplingParams(temperature=0.6, max_tokens=4000 - context, ignore_eos=True, detokenize=False)
+    for i, p in enumerate(prompts):
+        llm.engine.add_request(str(i), p, params)
+    while any(s.num_output_tokens < 2 for s in llm.engine.requests.values()):
+        llm.engine.step()
+    phases = phase_times(llm, 30)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            llm.engine.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+    print(f"\nbatch {batch} context ~{context}: median ms per phase of one decode step")
+    for k, v in phases.items():
+        print(f"  {k:14s} {v:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
