@@ -13,7 +13,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class EngineConfig:
     """Settings of one engine instance (one model on one device).
 
-    max_model_len None takes the model's max_position_embeddings. num_gpu_blocks fixes the KV cache size
+    max_model_len None takes the model's max_position_embeddings. num_decode_steps > 1 lets a batch of pure
+    decodes run that many steps on the device per host round trip (the sampled token feeds the next step on
+    the GPU), when no waiting request could be admitted meanwhile; it amortizes the host's per-step work. num_gpu_blocks fixes the KV cache size
     instead of profiling (tests use it to force preemption). dtype "auto" is the checkpoint's dtype on a GPU
     and float32 on the CPU, where bf16 matmuls are slow and tests compare against float32 references.
     """
@@ -32,6 +34,7 @@ class EngineConfig:
     enforce_eager: bool = False
     seed: int = 0
     cuda_graph_max_batch: int = 512
+    num_decode_steps: int = 8
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -60,6 +63,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if not 1 <= self.num_decode_steps <= 64:
+            raise ValueError(f"num_decode_steps must be in [1, 64], got {self.num_decode_steps}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
 

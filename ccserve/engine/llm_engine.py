@@ -86,29 +86,53 @@ class LLMEngine:
     # ---- the step --------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule and run one batch. Outputs cover every request that sampled a token or finished."""
+        """Schedule and run one batch (several decode steps when that is safe). Outputs cover every request
+        that sampled a token or finished."""
         batch = self.scheduler.schedule()
         # Blocks freed by preemption inside schedule() may already belong to a new owner: zero them now,
         # before this step writes the new owner's keys and values into them.
         self.runner.scrub(self.pool.take_blocks_to_scrub())
         if batch.empty:
             return []
+        steps = self._decode_steps(batch)
         try:
-            seqs, sampled = self.runner.execute(batch)
+            if steps > 1:
+                seqs, sampled_steps = batch.decodes, self.runner.execute_decodes(batch, steps)
+            else:
+                seqs, sampled = self.runner.execute(batch)
+                sampled_steps = [sampled] if sampled is not None else []
         except Exception:
             self._fail(batch)
             raise
         for seq, n in batch.items():
             seq.num_computed_tokens += n
-        outputs = self._apply(seqs, sampled) if sampled is not None else []
+        for i, sampled in enumerate(sampled_steps):
+            self._apply(seqs, sampled, computed=i > 0)
+        outputs = [self._output(seq) for seq in seqs if seq.num_sent_tokens < seq.num_output_tokens or seq.finished]
         self.runner.scrub(self.pool.take_blocks_to_scrub())
         return outputs
 
-    def _apply(self, seqs: list[Sequence], sampled: SamplerOutput) -> list[RequestOutput]:
+    def _decode_steps(self, batch: ScheduledBatch) -> int:
+        """How many decode steps to run on the device before the host looks at the tokens."""
+        steps = self.config.num_decode_steps
+        if steps == 1 or batch.prefills or any(s.num_uncomputed_tokens != 1 for s in batch.decodes):
+            return 1
+        steps = min([steps] + [self.max_model_len - s.num_tokens + 1 for s in batch.decodes]
+                    + [s.params.max_tokens - s.num_output_tokens for s in batch.decodes])
+        if steps < 2 or not self.scheduler.reserve_decode_steps(batch, steps):
+            return 1
+        return steps
+
+    def _apply(self, seqs: list[Sequence], sampled: SamplerOutput, computed: bool = False) -> None:
+        """Append one sampled token per sequence and finish those that stop. computed: the previous token's
+        KV was written on the device by a multi-step decode (so it counts as computed now)."""
         token_ids = sampled.token_ids.tolist()
         logprobs = _logprob_rows(sampled, len(seqs))
-        outputs = []
         for seq, token, lp in zip(seqs, token_ids, logprobs):
+            if seq.finished:
+                continue
+            if computed:
+                seq.num_computed_tokens += 1
             seq.token_ids.append(token)
             self.generation_tokens_total += 1
             if seq.logprobs is not None and lp is not None:
@@ -117,8 +141,6 @@ class LLMEngine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.requests.pop(seq.request_id, None)
-            outputs.append(self._output(seq))
-        return outputs
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params

@@ -2,7 +2,7 @@
 samples, and owns the KV cache memory (sizing, allocation, scrubbing)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -72,6 +72,27 @@ class ModelRunner:
         params = [s.params for s in inputs.sampling_seqs]
         generators = [s.generator for s in inputs.sampling_seqs]
         return inputs.sampling_seqs, self.sampler(logits, SamplingBatch.build(params, generators, self.device))
+
+    @torch.inference_mode()
+    def execute_decodes(self, batch: ScheduledBatch, steps: int) -> list[SamplerOutput]:
+        """Run `steps` decode steps of a pure-decode batch without returning to the host in between: each
+        step's sampled tokens are the next step's inputs, positions and slots advance on the device. The
+        caller has reserved blocks for all steps; tokens after a stop are discarded by the caller."""
+        inputs = self._prepare(batch)
+        meta = inputs.meta
+        params = [s.params for s in batch.decodes]
+        sampling = SamplingBatch.build(params, [s.generator for s in batch.decodes], self.device)
+        outputs = []
+        for step in range(steps):
+            if step:
+                positions = inputs.positions + 1
+                slots = meta.decode_block_tables.gather(1, (positions // self.block_size).unsqueeze(1)).squeeze(1)
+                meta = replace(meta, slot_mapping=slots.long() * self.block_size + positions % self.block_size,
+                               decode_seq_lens=meta.decode_seq_lens + 1)
+                inputs = replace(inputs, input_ids=outputs[-1].token_ids, positions=positions, meta=meta)
+            hidden = self._forward(inputs, batch)
+            outputs.append(self.sampler(self.model.compute_logits(hidden), sampling))
+        return outputs
 
     def scrub(self, block_ids: list[int]) -> None:
         """Zero freed blocks in one batched operation (stateless computation)."""

@@ -86,6 +86,19 @@ class Scheduler:
                 batch.prefills.append((seq, n))
         return batch
 
+    def reserve_decode_steps(self, batch: ScheduledBatch, steps: int) -> bool:
+        """Give every decode of a pure-decode batch blocks for `steps` tokens, if that needs no preemption
+        and no waiting request could be admitted meanwhile (it would wait `steps` steps for its turn)."""
+        if batch.prefills or (self.waiting and len(self.running) < self.max_num_seqs):
+            return False
+        need = sum(max(0, -(-(s.num_computed_tokens + steps) // self.block_size) - len(s.block_ids))
+                   for s in batch.decodes)
+        if need > self.pool.num_free:
+            return False
+        for seq in batch.decodes:
+            self._grow(seq, seq.num_computed_tokens + steps)
+        return True
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Mark a sequence finished and give its blocks back (they get scrubbed)."""
         if seq.status is SequenceStatus.RUNNING:

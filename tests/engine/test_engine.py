@@ -151,3 +151,24 @@ def test_chat_text_prompt_and_logprobs(model_dirs):
         assert lp.token_id == token and len(lp.top) == 3 and lp.logprob <= 0
         assert max(lp.top.values()) == pytest.approx(lp.logprob, abs=1e-5)  # greedy picks the top token
     assert_no_leak(llm)
+
+
+def test_multi_step_decode_equals_single_step(model_dirs):
+    """Decoding several steps per host round trip changes nothing: greedy and seeded tokens, stops inside a
+    multi-step window (stop token, max_tokens), logprobs, and block accounting."""
+    path = str(model_dirs["qwen3"])
+    prompts = prompts_of(5, seed=11)
+    one = LLM(path, max_model_len=128, num_gpu_blocks=64, num_decode_steps=1)
+    free_run = one.generate(prompts[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0]
+    params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop_token_ids=[free_run.token_ids[13]]),
+              SamplingParams(temperature=0.9, top_k=40, seed=7, max_tokens=21, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True)]
+    expected = one.generate(prompts, params)
+    many = LLM(path, max_model_len=128, num_gpu_blocks=64, num_decode_steps=8)
+    got = many.generate(prompts, params)
+    for e, g in zip(expected, got):
+        assert g.token_ids == e.token_ids and g.finish_reason == e.finish_reason
+    assert [(lp.token_id, lp.top) for lp in got[0].logprobs] == [(lp.token_id, lp.top) for lp in expected[0].logprobs]
+    assert_no_leak(many)
