@@ -164,7 +164,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     cfg = config or DecodeConfig()
     if num_splits is None:
         num_splits = num_decode_splits(batch, num_kv_heads, block_tables.shape[1] * block_size, num_sms(q.device))
-    block_d = triton.next_power_of_2(head_dim)
+    block_d = max(16, triton.next_power_of_2(head_dim))      # tl.dot needs >= 16
     dot_fp32, dot_precision = dot_types(q)
     if num_splits > 1:
         part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
