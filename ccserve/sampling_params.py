@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 class SamplingParams:
     """How to pick tokens for one request and when to stop.
 
-    temperature 0 means greedy. top_k 0 (or -1) and top_p 1 and min_p 0 disable those filters.
+    temperature 0 (or below 1e-5) means greedy. top_k 0 (or -1) and top_p 1 and min_p 0 disable those filters.
     seed makes a sampled request reproducible on its own, whatever else shares its batch.
     stop strings are matched on the detokenized text and are not part of the returned text.
     logprobs asks for the sampled token's log-probability plus that many top alternatives.
@@ -66,6 +66,9 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}")
 
+    GREEDY_BELOW = 1e-5
+
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures this small would overflow the logits in float32; they mean argmax anyway."""
+        return self.temperature < self.GREEDY_BELOW

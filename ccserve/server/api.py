@@ -1,0 +1,130 @@
+"""The HTTP surface: exactly the OpenAI generation endpoints, /v1/models, /health and /metrics.
+
+Nothing else is routed: no /docs or /redoc (a PCC node has no debug pages); /openapi.json stays, as the
+published contract clients and fuzzers test against. The engine runs on its own thread (async_engine.py),
+started and stopped with the app's lifespan.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ccserve import __version__
+from ccserve.config import EngineConfig
+from ccserve.server import protocol as p
+from ccserve.server.async_engine import AsyncEngine
+from ccserve.server.errors import error_response, install_error_handlers
+from ccserve.server.metrics import ServerMetrics
+from ccserve.server.serving import OpenAIServing
+
+if TYPE_CHECKING:
+    from ccserve.engine.llm_engine import LLMEngine
+
+DEFAULT_MAX_QUEUE = 1024
+MAX_BODY_BYTES = 16 * 2**20  # far above any prompt that fits a context window; refuses memory-exhaustion bodies
+ENDPOINT_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
+_ERROR_RESPONSES = {code: {"model": p.ErrorResponse} for code in (400, 404, 413, 429, 500, 503)}
+
+
+def build_app(engine: LLMEngine, served_model_name: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
+    """An app serving `engine` (an LLMEngine, used from one thread only) under `served_model_name`."""
+    async_engine = AsyncEngine(engine, max_queue)
+    model_name = served_model_name or engine.model_name
+    metrics = ServerMetrics(lambda: async_engine.stats, lambda: async_engine.num_unfinished)
+    serving = OpenAIServing(async_engine, model_name, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        yield
+        await async_engine.close()
+
+    app = FastAPI(title="ccserve", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.engine = async_engine
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+
+    def count(request: Request, outcome: str) -> None:
+        endpoint = ENDPOINT_PATHS.get(request.url.path)
+        if endpoint is not None:
+            metrics.count(endpoint, outcome)
+
+    install_error_handlers(app, on_rejected=lambda r: count(r, "rejected"),
+                           on_internal_error=lambda r: count(r, "error"))
+
+    @app.post("/v1/completions", responses={200: {"model": p.CompletionResponse}, **_ERROR_RESPONSES})
+    async def completions(body: p.CompletionRequest, request: Request) -> Response:
+        return await serving.completion(body, request)
+
+    @app.post("/v1/chat/completions", responses={200: {"model": p.ChatCompletionResponse}, **_ERROR_RESPONSES})
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
+        return await serving.chat(body, request)
+
+    @app.get("/v1/models")
+    async def models() -> p.ModelList:
+        return p.ModelList(data=[p.ModelCard(id=model_name, max_model_len=engine.max_model_len)])
+
+    @app.get("/health")
+    async def health() -> Response:
+        if async_engine.healthy:
+            return JSONResponse({"status": "ok"})
+        return error_response(503, "the engine is not running", code="unhealthy")
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+class BodyLimit:
+    """413 in OpenAI's format for a request body over max_bytes: before reading a body whose declared length
+    is over, and as soon as a chunked one passes the limit (raised inside the route's body read, so the
+    error handlers answer it). FastAPI's own max_body_size answers in plain text, hence this."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(413, self.message, code="request_too_large")(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, self.message)
+            return message
+
+        await self.app(scope, limited, send)
+
+    @property
+    def message(self) -> str:
+        return f"the request body is larger than {self.max_bytes} bytes"
+
+
+def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
+          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info") -> None:
+    """Load the engine and serve it until interrupted, with the privacy-safe logging setup."""
+    import uvicorn
+
+    from ccserve.engine.llm_engine import LLMEngine
+    from ccserve.server.log_config import configure_logging
+
+    configure_logging(log_level)
+    app = build_app(LLMEngine(config), served_model_name, max_queue)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, log_level=log_level,
+                server_header=False, date_header=False)
