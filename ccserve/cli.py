@@ -37,7 +37,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def cmd_serve(args: argparse.Namespace) -> None:
     from ccserve.server.api import serve
     serve(engine_config(args), host=args.host, port=args.port, served_model_name=args.served_model_name,
-          max_queue=args.max_queue)
+          max_queue=args.max_queue, log_level=args.log_level)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None)
     serve.add_argument("--max-queue", type=int, default=1024, help="waiting requests before answering 429")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="one-off generation for a prompt")
