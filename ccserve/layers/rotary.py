@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from ccserve.kernels.rotary import rotary
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -84,7 +86,8 @@ def _inv_freq(params: dict, head_dim: int, max_position: int) -> tuple[torch.Ten
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates q and k by their positions. The cache is float32 and the rotation runs in float32: position
+    """Rotates q and k by their positions, in place: they are slices of the fused qkv output, rotated where they
+    lie with no copy (one Triton kernel on CUDA). The cache is float32 and the rotation runs in float32: position
     precision matters at long contexts, and the cost is negligible next to the projections."""
 
     def __init__(self, head_dim: int, max_position: int, params: dict) -> None:
@@ -96,15 +99,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T]; q [T, H*D], k [T, Hk*D] -> rotated, same shapes and dtypes."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x1, x2 = x.view(shape[0], -1, self.head_dim).float().chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return out.to(x.dtype).view(shape)
+        """positions [T]; q [T, H*D], k [T, Hk*D] (rows may be strided) -> q and k themselves, rotated."""
+        rotary(positions, q, k, self.cos_sin, self.head_dim)
+        return q, k
 
 
 def get_rope(hf_config, head_dim: int) -> RotaryEmbedding:

@@ -51,8 +51,8 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.q_norm is not None:
             d = self.attn.head_dim
-            q = self.q_norm(q.reshape(-1, d)).view(-1, self.q_size)
-            k = self.k_norm(k.reshape(-1, d)).view(-1, self.kv_size)
+            q = self.q_norm(q.view(q.shape[0], -1, d)).view(-1, self.q_size)
+            k = self.k_norm(k.view(k.shape[0], -1, d)).view(-1, self.kv_size)
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v.contiguous(), meta))
 

@@ -46,7 +46,7 @@ def test_legacy_rope_scaling_fields_are_read():
 def test_rotation_keeps_norms_and_shapes():
     rope = RotaryEmbedding(16, 64, {"rope_type": "default", "rope_theta": 10000.0})
     q, k = torch.randn(5, 4 * 16), torch.randn(5, 2 * 16)
-    rq, rk = rope(torch.arange(5), q, k)
+    rq, rk = rope(torch.arange(5), q.clone(), k.clone())
     assert rq.shape == q.shape and rk.shape == k.shape
     torch.testing.assert_close(rq.view(5, 4, 16).norm(dim=-1), q.view(5, 4, 16).norm(dim=-1))
     torch.testing.assert_close(rq[0], q[0])  # position 0 does not rotate

@@ -1,0 +1,868 @@
+"""AES-256-GCM over chunked messages: Triton kernels for the GPU side of the channel, and a CPU reference.
+
+A message of n bytes is cut into chunks of `chunk_bytes`; chunk i is one GCM message (no AAD) under the 96-bit IV
+lane (4 bytes, big-endian) || counter + i (8 bytes, big-endian). On the wire, chunk i is its ciphertext followed by
+its 16-byte tag, at offset i * (chunk_bytes + 16). Chunking gives the GPU parallelism and the CPU threads work items
+(1 MiB per IV, as PipeLLM does). Callers pick lane and counter; only `ccserve.secure` may call these functions.
+
+Why the GPU path looks the way it does:
+- CTR is bitsliced AES-256. A lane holds 8 counter blocks as 32 words (4 state rows x 8 bit planes; bit 8c+b of a
+  word is column c of block b). SubBytes is a 110-gate boolean circuit on words, ShiftRows a rotate per row and
+  MixColumns XORs between rows: no table lookups, so no bank conflicts and no key-dependent memory access.
+- GHASH multiplies by fixed powers of H, which is linear over GF(2). A tile of ciphertext bits times a 0/1 matrix on
+  the int8 tensor cores gives the GHASH of 16 blocks per row (bit k of each byte is masked out and weighted 2^(7-k)
+  so bit 7 of the int32 sum is the parity). Rows carry across tiles by a Horner step (another matmul) and fold
+  pairwise at the end; a finalize kernel multiplies the few partials per segment by powers of H.
+- Decryption verifies before it decrypts (ghash -> finalize -> ctr); ctr writes zeros for chunks whose tag failed,
+  so unauthenticated plaintext never reaches GPU memory.
+Buffers handed to the kernels are uint8 tensors whose storage is padded to a multiple of 16 bytes (`alloc_*`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+TAG_BYTES = 16
+LANE_BYTES = 128            # one bitsliced lane = 8 AES blocks
+GH_ROWS = 128               # GHASH tile rows
+GH_ROW_BLOCKS = 16          # AES blocks per GHASH tile row
+GH_TILE_BLOCKS = GH_ROWS * GH_ROW_BLOCKS
+GH_OUT_ROWS = 16            # rows left per segment after pairwise folding
+CTR_TILE = 256              # lanes per CTR program
+FIN_CHUNKS = 16             # chunks per finalize program
+FIN_PARTS = 64              # partials per finalize step
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Wire layout and allocation
+
+
+def num_chunks(nbytes: int, chunk_bytes: int) -> int:
+    return -(-nbytes // chunk_bytes)
+
+
+def wire_bytes(nbytes: int, chunk_bytes: int) -> int:
+    """Size of a message on the wire: ciphertext plus one tag per chunk."""
+    return nbytes + TAG_BYTES * num_chunks(nbytes, chunk_bytes)
+
+
+def _round16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def alloc_plain(nbytes: int, device: torch.device | str, pin: bool = False) -> torch.Tensor:
+    """A uint8 buffer for n plaintext bytes, padded so kernels may read and write whole 16-byte blocks."""
+    return torch.empty(_round16(nbytes), dtype=torch.uint8, device=device, pin_memory=pin)
+
+
+def alloc_wire(nbytes: int, chunk_bytes: int, device: torch.device | str, pin: bool = False) -> torch.Tensor:
+    return torch.empty(_round16(wire_bytes(nbytes, chunk_bytes)), dtype=torch.uint8, device=device, pin_memory=pin)
+
+
+def nonce(lane: int, counter: int) -> bytes:
+    return lane.to_bytes(4, "big") + counter.to_bytes(8, "big")
+
+
+def check_chunk_bytes(chunk_bytes: int) -> None:
+    if chunk_bytes < LANE_BYTES or chunk_bytes & (chunk_bytes - 1):
+        raise ValueError(f"chunk_bytes must be a power of two >= {LANE_BYTES}, got {chunk_bytes}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU reference (OpenSSL through `cryptography`); also the CPU side of the channel, one chunk range per thread
+
+
+def seal_chunks(aead: AESGCM, plain: np.ndarray, wire: np.ndarray, nbytes: int, chunk_bytes: int, lane: int,
+                counter: int, chunks: range) -> None:
+    """Encrypt the given chunks of `plain` into `wire` (uint8 arrays); releases the GIL inside OpenSSL."""
+    for i in chunks:
+        lo, w = i * chunk_bytes, i * (chunk_bytes + TAG_BYTES)
+        n = min(chunk_bytes, nbytes - lo)
+        aead.encrypt_into(nonce(lane, counter + i), plain[lo:lo + n], None, wire[w:w + n + TAG_BYTES])
+
+
+def open_chunks(aead: AESGCM, wire: np.ndarray, plain: np.ndarray, nbytes: int, chunk_bytes: int, lane: int,
+                counter: int, chunks: range) -> list[bool]:
+    """Decrypt and verify chunks into `plain`; a chunk whose tag fails is zeroed, never left as plaintext."""
+    ok = []
+    for i in chunks:
+        lo, w = i * chunk_bytes, i * (chunk_bytes + TAG_BYTES)
+        n = min(chunk_bytes, nbytes - lo)
+        try:
+            aead.decrypt_into(nonce(lane, counter + i), wire[w:w + n + TAG_BYTES], None, plain[lo:lo + n])
+            ok.append(True)
+        except InvalidTag:
+            plain[lo:lo + n] = 0
+            ok.append(False)
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host-side key material: AES key schedule, GF(2^128) arithmetic, GHASH matrices
+
+
+def _gf8_mul(a: int, b: int) -> int:
+    p = 0
+    while b:
+        if b & 1:
+            p ^= a
+        a = (a << 1) ^ (0x11B if a & 0x80 else 0)
+        b >>= 1
+    return p
+
+
+def _make_sbox() -> list[int]:
+    inv = [0] * 256
+    for x in range(1, 256):
+        inv[x] = next(y for y in range(1, 256) if _gf8_mul(x, y) == 1)
+    box = []
+    for x in range(256):
+        b = inv[x]
+        s = 0x63
+        for i in range(8):
+            s ^= (((b >> i) ^ (b >> ((i + 4) % 8)) ^ (b >> ((i + 5) % 8)) ^ (b >> ((i + 6) % 8))
+                   ^ (b >> ((i + 7) % 8))) & 1) << i
+        box.append(s)
+    return box
+
+
+SBOX = _make_sbox()
+
+
+def expand_key(key: bytes) -> list[bytes]:
+    """AES-256 key schedule: 15 round keys of 16 bytes."""
+    if len(key) != 32:
+        raise ValueError(f"AES-256 needs a 32-byte key, got {len(key)} bytes")
+    words = [list(key[4 * i:4 * i + 4]) for i in range(8)]
+    rcon = 1
+    for i in range(8, 60):
+        t = list(words[i - 1])
+        if i % 8 == 0:
+            t = [SBOX[b] for b in t[1:] + t[:1]]
+            t[0] ^= rcon
+            rcon = _gf8_mul(rcon, 2)
+        elif i % 8 == 4:
+            t = [SBOX[b] for b in t]
+        words.append([a ^ b for a, b in zip(words[i - 8], t)])
+    return [bytes(sum(words[4 * r:4 * r + 4], [])) for r in range(15)]
+
+
+def _bitsliced_round_keys(round_keys: list[bytes]) -> np.ndarray:
+    """Round key r, row, plane j as a word: byte c is 0xFF where bit j of key byte 4c+row is set (all 8 blocks)."""
+    out = np.zeros((15, 4, 8), dtype=np.uint32)
+    for r, rk in enumerate(round_keys):
+        for row in range(4):
+            for j in range(8):
+                out[r, row, j] = sum(0xFF << (8 * c) for c in range(4) if (rk[4 * c + row] >> j) & 1)
+    return out.reshape(-1)
+
+
+def _te_tables() -> np.ndarray:
+    """T-tables for little-endian column words (byte r of a word is row r)."""
+    te0 = np.array([_gf8_mul(s, 2) | s << 8 | s << 16 | _gf8_mul(s, 3) << 24 for s in SBOX], dtype=np.uint64)
+    rot = [((te0 << (8 * k)) | (te0 >> (32 - 8 * k))) & 0xFFFFFFFF for k in range(4)]
+    return np.stack(rot).astype(np.uint32).reshape(-1)
+
+
+_R = 0xE1 << 120  # GCM reduction constant in its reflected bit order
+
+
+def gf_mul(x: int, y: int) -> int:
+    """Multiply in GCM's GF(2^128); ints are blocks read big-endian (coefficient 0 is the top bit)."""
+    z = 0
+    for i in range(128):
+        if (x >> (127 - i)) & 1:
+            z ^= y
+        y = (y >> 1) ^ (_R if y & 1 else 0)
+    return z
+
+
+def _times_t(y: int) -> list[int]:
+    """y * t^q for q = 0..127: the columns of the multiply-by-y matrix."""
+    cols = []
+    for _ in range(128):
+        cols.append(y)
+        y = (y >> 1) ^ (_R if y & 1 else 0)
+    return cols
+
+
+def _gf_pow(h: int, e: int) -> int:
+    acc, base = 1 << 127, h
+    while e:
+        if e & 1:
+            acc = gf_mul(acc, base)
+        base = gf_mul(base, base)
+        e >>= 1
+    return acc
+
+
+def _bits(v: int) -> np.ndarray:
+    """Coefficients 0..127 of a block as 0/1."""
+    return np.array([(v >> (127 - o)) & 1 for o in range(128)], dtype=np.int64)
+
+
+def _matrix(y: int) -> np.ndarray:
+    """[in, out] 0/1 matrix of x -> x * y, scaled by 2^7 so that bit 7 of an int8 dot is the GF(2) sum."""
+    m = np.stack([_bits(c) for c in _times_t(y)])                # row q: t^q * y
+    return (m * -128).astype(np.int8)
+
+
+def _ghash_row_matrices(h: int) -> np.ndarray:
+    """[8, 16 * GH_ROW_BLOCKS, 128] int8: for bit k of each row byte, the contribution to the row's GHASH.
+
+    Row block i (of 16) carries weight H^(16 - i); byte b of a block holds coefficients 8b..8b+7 with the most
+    significant bit first, so bit k of byte b is coefficient 8b + 7 - k. The row byte is masked to (1 << k) before
+    the dot, so the matrix entry is 2^(7-k) (2^7 written as -128) to land every product on 2^7.
+    """
+    out = np.zeros((8, 16 * GH_ROW_BLOCKS, 128), dtype=np.int64)
+    for i in range(GH_ROW_BLOCKS):
+        cols = _times_t(_gf_pow(h, GH_ROW_BLOCKS - i))
+        for byte in range(16):
+            for k in range(8):
+                out[k, 16 * i + byte] = _bits(cols[8 * byte + 7 - k]) << (7 - k)
+    return out.astype(np.uint8).view(np.int8)
+
+
+def _powers(h: int, count: int) -> np.ndarray:
+    """H^0 .. H^(count-1) as [count, 4] big-endian uint32 words, by doubling with vectorized multiplies."""
+    hi = np.zeros(count, dtype=np.uint64)
+    lo = np.zeros(count, dtype=np.uint64)
+    hi[0] = 1 << 63
+    n = 1
+    while n < count:
+        y = _gf_pow(h, n)
+        cols = _times_t(y)
+        m = min(n, count - n)
+        xh, xl = hi[:m], lo[:m]
+        zh = np.zeros(m, dtype=np.uint64)
+        zl = np.zeros(m, dtype=np.uint64)
+        for q in range(128):
+            src = xh if q < 64 else xl
+            bit = (src >> np.uint64(63 - q % 64)) & np.uint64(1)
+            mask = np.uint64(0) - bit
+            zh ^= mask & np.uint64(cols[q] >> 64)
+            zl ^= mask & np.uint64(cols[q] & (2**64 - 1))
+        hi[n:n + m], lo[n:n + m] = zh, zl
+        n += m
+    words = np.stack([hi >> np.uint64(32), hi & np.uint64(0xFFFFFFFF), lo >> np.uint64(32), lo & np.uint64(0xFFFFFFFF)],
+                     axis=1)
+    return words.astype(np.uint32)
+
+
+class DeviceKey:
+    """One AES-256 key as the GPU kernels need it: round keys, T-tables, GHASH matrices and powers of H.
+
+    backend "triton" runs the kernels (on CUDA, or on CPU tensors under TRITON_INTERPRET=1); "ref" runs OpenSSL on
+    the host and is what the channel uses for the device side when there is no GPU. `zeroize` overwrites every
+    key-derived table; the key object is unusable afterwards.
+    """
+
+    def __init__(self, key: bytes | bytearray, device: torch.device | str, backend: str | None = None):
+        self.device = torch.device(device)
+        self.backend = backend or ("triton" if self.device.type == "cuda" else "ref")
+        if self.backend not in ("triton", "ref"):
+            raise ValueError(f"backend must be 'triton' or 'ref', got {self.backend!r}")
+        self._aead: AESGCM | None = AESGCM(bytes(key)) if self.backend == "ref" else None
+        self._tables: dict[str, torch.Tensor] = {}
+        self._h = 0
+        if self.backend == "triton":
+            self._build_tables(bytes(key))
+
+    def _build_tables(self, key: bytes) -> None:
+        round_keys = expand_key(key)
+        encrypt = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+        self._h = int.from_bytes(encrypt.update(bytes(16)) + encrypt.finalize(), "big")
+        put = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device).view(dt)  # noqa: E731
+        self._tables = {
+            "rk_bs": put(_bitsliced_round_keys(round_keys).view(np.int32), torch.uint32),
+            "rk": put(np.frombuffer(b"".join(round_keys), dtype=np.uint32).copy().view(np.int32), torch.uint32),
+            "te": put(_te_tables().view(np.int32), torch.uint32),
+            "sbox": put(np.array(SBOX, dtype=np.int32), torch.uint32),
+            "w": put(_ghash_row_matrices(self._h), torch.int8),
+            "mt": put(_matrix(_gf_pow(self._h, GH_TILE_BLOCKS)), torch.int8),
+            "mh": put(np.stack([_matrix(_gf_pow(self._h, GH_ROW_BLOCKS * half)) for half in (64, 32, 16)]),
+                      torch.int8),
+        }
+
+    def powers(self, count: int) -> torch.Tensor:
+        """H^0 .. H^(count-1) on the device, grown on demand and kept for the key's lifetime."""
+        have = self._tables.get("powers")
+        if have is None or have.shape[0] < count:
+            grow = max(count, 2 * (0 if have is None else have.shape[0]))
+            self._tables["powers"] = torch.from_numpy(_powers(self._h, grow).view(np.int32)).to(self.device).view(
+                torch.uint32)
+        return self._tables["powers"]
+
+    @property
+    def aead(self) -> AESGCM:
+        if self._aead is None:
+            raise RuntimeError("this DeviceKey has no host cipher (triton backend) or was zeroized")
+        return self._aead
+
+    def table(self, name: str) -> torch.Tensor:
+        if not self._tables:
+            raise RuntimeError("this DeviceKey was zeroized")
+        return self._tables[name]
+
+    def zeroize(self) -> None:
+        for t in self._tables.values():
+            t.zero_()
+        self._tables = {}
+        self._aead = None
+        self._h = 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton: bitsliced AES-256 CTR
+
+
+@triton.jit
+def _sbox(x):
+    """AES S-box on 8 bit planes (x[0] = least significant bit), 32 S-boxes per word.
+
+    A 110-gate circuit (32 AND, 75 XOR, 3 XNOR) from the NIST Circuit Complexity project (public domain), whose
+    inputs U0..U7 and outputs S0..S7 are most significant bit first.
+    """
+    u0 = x[7]
+    u1 = x[6]
+    u2 = x[5]
+    u3 = x[4]
+    u4 = x[3]
+    u5 = x[2]
+    u6 = x[1]
+    u7 = x[0]
+    t1 = u4 ^ u5
+    t2 = u0 ^ u6
+    t3 = u0 ^ u3
+    t4 = u3 ^ u5
+    t5 = u0 ^ u5
+    t6 = u1 ^ u4
+    t7 = t2 ^ t4
+    t8 = u6 ^ t1
+    t9 = u2 ^ t8
+    t10 = u1 ^ t8
+    t11 = t1 ^ t7
+    t12 = t7 & t1
+    t13 = u7 ^ t10
+    t14 = u7 ^ t11
+    t15 = t9 ^ t11
+    t16 = t6 ^ t12
+    t17 = t2 & t9
+    t18 = t3 & t10
+    t19 = t9 ^ t13
+    t20 = t10 ^ t15
+    t21 = t17 ^ t18
+    t22 = t16 ^ t18
+    t23 = t4 & t15
+    t24 = u3 ^ t19
+    t25 = u6 ^ t19
+    t26 = u0 ^ t19
+    t27 = t9 ^ t21
+    t28 = t2 ^ t23
+    t29 = t5 & t20
+    t30 = t7 ^ t24
+    t31 = u0 ^ t29
+    t32 = t27 ^ t28
+    t33 = t24 & u7
+    t34 = t25 & t19
+    t35 = t26 & t13
+    t36 = t32 ^ t34
+    t37 = u2 ^ t31
+    t38 = t27 ^ t31
+    t39 = t30 & t14
+    t40 = t39 ^ t23
+    t41 = t33 ^ t37
+    t42 = t35 ^ t38
+    t43 = t22 ^ t40
+    t44 = t40 ^ t41
+    t45 = t22 ^ t41
+    t46 = t36 ^ t42
+    t47 = t43 & t36
+    t48 = t42 ^ t47
+    t49 = t45 ^ t47
+    t50 = t44 & t48
+    t51 = t49 & t46
+    t52 = t47 ^ t51
+    t53 = t47 ^ t50
+    t54 = t42 ^ t51
+    t55 = t50 ^ t45
+    t56 = t54 ^ t55
+    t57 = t42 & t52
+    t58 = t45 & t53
+    t59 = t54 & u7
+    t60 = t55 & t13
+    t61 = t54 & t24
+    t62 = t55 & t26
+    t63 = t36 ^ t57
+    t64 = t43 ^ t58
+    t65 = t56 & t10
+    t66 = t56 & t3
+    t67 = t63 ^ t54
+    t68 = t64 ^ t55
+    t69 = t63 ^ t64
+    t70 = t63 & t11
+    t71 = t64 & t9
+    t72 = t63 & t7
+    t73 = t64 & t2
+    t74 = t67 ^ t68
+    t75 = t65 ^ t71
+    t76 = t70 ^ t71
+    t77 = t62 ^ t73
+    t78 = t67 & t14
+    t79 = t68 & t19
+    t80 = t69 & t15
+    t81 = t67 & t30
+    t82 = t68 & t25
+    t83 = t69 & t4
+    t84 = t78 ^ t79
+    t85 = t80 ^ t79
+    t86 = t83 ^ t66
+    t87 = t59 ^ t76
+    t88 = t74 & t20
+    t89 = t74 & t5
+    t90 = t75 ^ t85
+    t91 = t88 ^ t85
+    t92 = t81 ^ t86
+    t93 = t82 ^ t86
+    t94 = t84 ^ t76
+    t95 = t60 ^ t87
+    t96 = t89 ^ t90
+    t97 = t72 ^ t92
+    t98 = t61 ^ t92
+    t99 = t93 ^ t73
+    t100 = t91 ^ t87
+    t101 = t96 ^ t66
+    s0 = t90 ^ t97
+    s3 = t94 ^ t97
+    s7 = ~(t99 ^ t95)
+    t102 = t77 ^ t100
+    s1 = ~(t90 ^ s3)
+    s4 = s3 ^ t95
+    s6 = s7 ^ t100
+    s2 = ~(t101 ^ t102)
+    s5 = t98 ^ t102
+    return (s7, s6, s5, s4, s3, s2, s1, s0)
+
+
+@triton.jit
+def _rotr(x, n: tl.constexpr):
+    if n == 0:
+        return x
+    return (x >> n) | (x << (32 - n))
+
+
+@triton.jit
+def _sub_shift(row, r: tl.constexpr):
+    """SubBytes and ShiftRows of state row r: row r moves left by r columns, i.e. its words rotate right 8r bits."""
+    s = _sbox(row)
+    return (_rotr(s[0], 8 * r), _rotr(s[1], 8 * r), _rotr(s[2], 8 * r), _rotr(s[3], 8 * r),
+            _rotr(s[4], 8 * r), _rotr(s[5], 8 * r), _rotr(s[6], 8 * r), _rotr(s[7], 8 * r))
+
+
+@triton.jit
+def _xor8(x, y):
+    return (x[0] ^ y[0], x[1] ^ y[1], x[2] ^ y[2], x[3] ^ y[3], x[4] ^ y[4], x[5] ^ y[5], x[6] ^ y[6], x[7] ^ y[7])
+
+
+@triton.jit
+def _add_key(row, k_ptr):
+    return (row[0] ^ tl.load(k_ptr), row[1] ^ tl.load(k_ptr + 1), row[2] ^ tl.load(k_ptr + 2),
+            row[3] ^ tl.load(k_ptr + 3), row[4] ^ tl.load(k_ptr + 4), row[5] ^ tl.load(k_ptr + 5),
+            row[6] ^ tl.load(k_ptr + 6), row[7] ^ tl.load(k_ptr + 7))
+
+
+@triton.jit
+def _mix_row(x, nxt, rest, k_ptr):
+    """One MixColumns output row plus its round key: 2 * (x ^ next) ^ (the other three rows) ^ key.
+
+    2 * t in GF(2^8) on bit planes: plane j takes t[j-1], and planes 1, 3, 4 also take t[7] (0x1B).
+    """
+    t = _xor8(x, nxt)
+    return _add_key((t[7] ^ rest[0], t[0] ^ t[7] ^ rest[1], t[1] ^ rest[2], t[2] ^ t[7] ^ rest[3],
+                     t[3] ^ t[7] ^ rest[4], t[4] ^ rest[5], t[5] ^ rest[6], t[6] ^ rest[7]), k_ptr)
+
+
+@triton.jit
+def _round(s, k_ptr):
+    a = _sub_shift(s[0], 0)
+    b = _sub_shift(s[1], 1)
+    c = _sub_shift(s[2], 2)
+    d = _sub_shift(s[3], 3)
+    u = _xor8(_xor8(a, b), _xor8(c, d))
+    return (_mix_row(a, b, _xor8(u, a), k_ptr), _mix_row(b, c, _xor8(u, b), k_ptr + 8),
+            _mix_row(c, d, _xor8(u, c), k_ptr + 16), _mix_row(d, a, _xor8(u, d), k_ptr + 24))
+
+
+@triton.jit
+def _swapmove(x, y, n: tl.constexpr, m: tl.constexpr):
+    """Exchange the bits of x at mask m << n with the bits of y at mask m."""
+    t = ((x >> n) ^ y) & m
+    return x ^ (t << n), y ^ t
+
+
+@triton.jit
+def _ortho(q):
+    """Transpose 8x8 bit blocks across 8 words: bit 8r+b of word j <-> bit 8r+j of word b (an involution)."""
+    q0, q1 = _swapmove(q[0], q[1], 1, 0x55555555)
+    q2, q3 = _swapmove(q[2], q[3], 1, 0x55555555)
+    q4, q5 = _swapmove(q[4], q[5], 1, 0x55555555)
+    q6, q7 = _swapmove(q[6], q[7], 1, 0x55555555)
+    q0, q2 = _swapmove(q0, q2, 2, 0x33333333)
+    q1, q3 = _swapmove(q1, q3, 2, 0x33333333)
+    q4, q6 = _swapmove(q4, q6, 2, 0x33333333)
+    q5, q7 = _swapmove(q5, q7, 2, 0x33333333)
+    q0, q4 = _swapmove(q0, q4, 4, 0x0F0F0F0F)
+    q1, q5 = _swapmove(q1, q5, 4, 0x0F0F0F0F)
+    q2, q6 = _swapmove(q2, q6, 4, 0x0F0F0F0F)
+    q3, q7 = _swapmove(q3, q7, 4, 0x0F0F0F0F)
+    return (q0, q1, q2, q3, q4, q5, q6, q7)
+
+
+@triton.jit
+def _bytes4(a, b, c, d):
+    """Transpose a 4x4 byte matrix held in 4 words: byte c of word r <-> byte r of word c."""
+    a, b = _swapmove(a, b, 8, 0x00FF00FF)
+    c, d = _swapmove(c, d, 8, 0x00FF00FF)
+    a, c = _swapmove(a, c, 16, 0x0000FFFF)
+    b, d = _swapmove(b, d, 16, 0x0000FFFF)
+    return a, b, c, d
+
+
+@triton.jit
+def _bswap(x):
+    return (x >> 24) | ((x >> 8) & 0xFF00) | ((x << 8) & 0xFF0000) | (x << 24)
+
+
+@triton.jit
+def _iv_row(iv0, iv1, iv2, ctr, r: tl.constexpr):
+    """Planes of state row r for 8 counter blocks: IV bytes fill columns 0-2, the counters column 3."""
+    return (_iv_plane(iv0, iv1, iv2, ctr[0], r, 0), _iv_plane(iv0, iv1, iv2, ctr[1], r, 1),
+            _iv_plane(iv0, iv1, iv2, ctr[2], r, 2), _iv_plane(iv0, iv1, iv2, ctr[3], r, 3),
+            _iv_plane(iv0, iv1, iv2, ctr[4], r, 4), _iv_plane(iv0, iv1, iv2, ctr[5], r, 5),
+            _iv_plane(iv0, iv1, iv2, ctr[6], r, 6), _iv_plane(iv0, iv1, iv2, ctr[7], r, 7))
+
+
+@triton.jit
+def _iv_plane(iv0, iv1, iv2, ctr_t, r: tl.constexpr, j: tl.constexpr):
+    # IV word c holds bytes 4c..4c+3 (row r at bits 8r); the counter is big-endian, so row r is its byte 3 - r.
+    sh: tl.constexpr = 8 * r + j
+    iv = (((iv0 >> sh) & 1) * 0xFF) | ((((iv1 >> sh) & 1) * 0xFF) << 8) | ((((iv2 >> sh) & 1) * 0xFF) << 16)
+    return iv | (((ctr_t >> (24 - 8 * r)) & 0xFF) << 24)
+
+
+@triton.jit
+def _keystream(iv0, iv1, iv2, first_ctr, rk_ptr):
+    """AES-256 of the 8 counter blocks first_ctr + b (b = 0..7) of each lane, as 32 little-endian column words."""
+    ctr = _ortho((first_ctr, first_ctr + 1, first_ctr + 2, first_ctr + 3,
+                  first_ctr + 4, first_ctr + 5, first_ctr + 6, first_ctr + 7))
+    s = (_add_key(_iv_row(iv0, iv1, iv2, ctr, 0), rk_ptr), _add_key(_iv_row(iv0, iv1, iv2, ctr, 1), rk_ptr + 8),
+         _add_key(_iv_row(iv0, iv1, iv2, ctr, 2), rk_ptr + 16), _add_key(_iv_row(iv0, iv1, iv2, ctr, 3), rk_ptr + 24))
+    for rnd in range(1, 14):
+        s = _round(s, rk_ptr + rnd * 32)
+    k = rk_ptr + 14 * 32
+    s = (_add_key(_sub_shift(s[0], 0), k), _add_key(_sub_shift(s[1], 1), k + 8),
+         _add_key(_sub_shift(s[2], 2), k + 16), _add_key(_sub_shift(s[3], 3), k + 24))
+    return _unslice(s)
+
+
+@triton.jit
+def _unslice(s):
+    """Bit planes back to words: returns cols[c][b], column c of block b (byte r = row r)."""
+    p0 = _bytes4(s[0][0], s[1][0], s[2][0], s[3][0])
+    p1 = _bytes4(s[0][1], s[1][1], s[2][1], s[3][1])
+    p2 = _bytes4(s[0][2], s[1][2], s[2][2], s[3][2])
+    p3 = _bytes4(s[0][3], s[1][3], s[2][3], s[3][3])
+    p4 = _bytes4(s[0][4], s[1][4], s[2][4], s[3][4])
+    p5 = _bytes4(s[0][5], s[1][5], s[2][5], s[3][5])
+    p6 = _bytes4(s[0][6], s[1][6], s[2][6], s[3][6])
+    p7 = _bytes4(s[0][7], s[1][7], s[2][7], s[3][7])
+    return (_ortho((p0[0], p1[0], p2[0], p3[0], p4[0], p5[0], p6[0], p7[0])),
+            _ortho((p0[1], p1[1], p2[1], p3[1], p4[1], p5[1], p6[1], p7[1])),
+            _ortho((p0[2], p1[2], p2[2], p3[2], p4[2], p5[2], p6[2], p7[2])),
+            _ortho((p0[3], p1[3], p2[3], p3[3], p4[3], p5[3], p6[3], p7[3])))
+
+
+@triton.jit
+def _xor_column(src, dst, word, limit, ks, ok, c: tl.constexpr):
+    """XOR keystream column c of the lane's 8 blocks into the data (byte offsets below `limit` only)."""
+    for b in tl.static_range(8):
+        w = word + 4 * b + c
+        m = w * 4 < limit
+        tl.store(dst + w, (tl.load(src + w, mask=m, other=0) ^ ks[b]) & ok, mask=m)
+
+
+@triton.jit(do_not_specialize=["nbytes", "lane", "counter"])
+def _ctr_kernel(src, dst, ok_ptr, rk_ptr, nbytes, chunk_bytes, src_stride, dst_stride, lane, counter,
+                TILE: tl.constexpr, GATE: tl.constexpr):
+    """src/dst: uint32 views; strides are chunk strides in words. Program = TILE lanes of one chunk."""
+    pid = tl.program_id(0)
+    tiles = chunk_bytes // (TILE * 128)
+    chunk = pid // tiles
+    lanes = (pid % tiles) * TILE + tl.arange(0, TILE)
+    chunk_len = tl.minimum(chunk_bytes, nbytes - chunk.to(tl.int64) * chunk_bytes).to(tl.int32)
+    ctr = counter.to(tl.int64) + chunk
+    iv0 = _bswap(lane.to(tl.uint32))
+    iv1 = _bswap((ctr >> 32).to(tl.uint32))
+    iv2 = _bswap((ctr & 0xFFFFFFFF).to(tl.uint32))
+    cols = _keystream(iv0, iv1, iv2, (lanes * 8 + 2).to(tl.uint32), rk_ptr)
+    ok = tl.full([TILE], 0xFFFFFFFF, tl.uint32)
+    if GATE:
+        ok = ok * (tl.load(ok_ptr + chunk) != 0).to(tl.uint32)
+    limit = (chunk_len + 15) // 16 * 16
+    word = lanes * 32
+    s = src + chunk.to(tl.int64) * src_stride
+    d = dst + chunk.to(tl.int64) * dst_stride
+    _xor_column(s, d, word, limit, cols[0], ok, 0)
+    _xor_column(s, d, word, limit, cols[1], ok, 1)
+    _xor_column(s, d, word, limit, cols[2], ok, 2)
+    _xor_column(s, d, word, limit, cols[3], ok, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton: GHASH on the int8 tensor cores
+
+
+@triton.jit
+def _fold(u, m_ptr, HALF: tl.constexpr):
+    """Rows g and g + HALF -> row g: u[g] * H^(16 * HALF) ^ u[g + HALF]."""
+    bits = tl.arange(0, 128)
+    m = tl.load(m_ptr + bits[:, None] * 128 + bits[None, :])
+    lo, hi = tl.split(tl.permute(tl.reshape(u, [2, HALF, 128]), (1, 2, 0)))
+    acc = tl.dot(lo, m) + (hi.to(tl.int32) << 7)
+    return ((acc >> 7) & 1).to(tl.int8)
+
+
+@triton.jit(do_not_specialize=["nbytes"])
+def _ghash_kernel(wire, w_ptr, mt_ptr, mh_ptr, part_ptr, nbytes, chunk_bytes, wire_stride, mp_blocks, nseg,
+                  R: tl.constexpr):
+    """Partial GHASH of one segment (R tiles of 128 rows x 16 blocks) of one chunk.
+
+    Blocks are indexed right-aligned: virtual block v = real block + (mp_blocks - blocks in chunk), so the zero
+    blocks padding a short chunk sit in front, where they do not change the GHASH. Writes 16 partial sums, row g
+    standing for all blocks up to virtual block `last(g)` of the segment, still to be multiplied by
+    H^(mp_blocks - last(g)).
+    """
+    seg = tl.program_id(0)
+    chunk = tl.program_id(1)
+    chunk_len = tl.minimum(chunk_bytes, nbytes - chunk.to(tl.int64) * chunk_bytes).to(tl.int32)
+    pad = mp_blocks - (chunk_len + 15) // 16
+    rows = tl.arange(0, 128)
+    cols = tl.arange(0, 256)
+    bits = tl.arange(0, 128)
+    mt = tl.load(mt_ptr + bits[:, None] * 128 + bits[None, :])
+    base = wire + chunk.to(tl.int64) * wire_stride
+    u = tl.zeros([128, 128], dtype=tl.int8)
+    for t in range(R):
+        first = (seg * R + t) * 2048 + rows * 16 - pad
+        offs = first[:, None] * 16 + cols[None, :]
+        x = tl.load(base + offs, mask=(offs >= 0) & (offs < chunk_len), other=0)
+        acc = tl.dot(u, mt)
+        for k in tl.static_range(8):
+            wk = tl.load(w_ptr + k * 256 * 128 + cols[:, None] * 128 + bits[None, :])
+            acc = tl.dot((x & (1 << k)).to(tl.int8, bitcast=True), wk, acc)
+        u = ((acc >> 7) & 1).to(tl.int8)
+    u = _fold(u, mh_ptr, 64)
+    u = _fold(u, mh_ptr + 128 * 128, 32)
+    u = _fold(u, mh_ptr + 2 * 128 * 128, 16)
+    shift = 31 - tl.arange(0, 32)
+    words = tl.sum(tl.reshape(u.to(tl.uint32), [16, 4, 32]) << shift[None, None, :], axis=2)
+    r16 = tl.arange(0, 16)
+    w4 = tl.arange(0, 4)
+    tl.store(part_ptr + ((chunk * nseg + seg) * 16 + r16[:, None]) * 4 + w4[None, :], words)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton: finalize (powers of H, length block, E_K(J0), tag write or compare)
+
+
+@triton.jit
+def _gf_mul_words(x, v):
+    """x * v in GCM's GF(2^128) on 4 big-endian words; v is walked as v * t^i (x and v broadcast)."""
+    z0 = (x[0] & 0) | (v[0] & 0)
+    z = (z0, z0, z0, z0)
+    for w in tl.static_range(4):
+        xw = x[w]
+        for i in range(32):
+            m = 0 - ((xw >> (31 - i)) & 1)
+            z = (z[0] ^ (v[0] & m), z[1] ^ (v[1] & m), z[2] ^ (v[2] & m), z[3] ^ (v[3] & m))
+            red = (0 - (v[3] & 1)) & 0xE1000000
+            v = ((v[0] >> 1) ^ red, (v[1] >> 1) | (v[0] << 31), (v[2] >> 1) | (v[1] << 31),
+                 (v[3] >> 1) | (v[2] << 31))
+    return z
+
+
+@triton.jit
+def _te(te_ptr, x, k: tl.constexpr):
+    return tl.load(te_ptr + k * 256 + ((x >> (8 * k)) & 0xFF))
+
+
+@triton.jit
+def _sb(sb_ptr, x, k: tl.constexpr):
+    return tl.load(sb_ptr + ((x >> (8 * k)) & 0xFF)) << (8 * k)
+
+
+@triton.jit
+def _aes_block(s, te_ptr, sb_ptr, rk_ptr):
+    """AES-256 of one block per element, T-table style (only E_K(J0) per chunk: one block, speed irrelevant)."""
+    s = (s[0] ^ tl.load(rk_ptr), s[1] ^ tl.load(rk_ptr + 1), s[2] ^ tl.load(rk_ptr + 2), s[3] ^ tl.load(rk_ptr + 3))
+    for r in range(1, 14):
+        k = rk_ptr + 4 * r
+        s = (_te(te_ptr, s[0], 0) ^ _te(te_ptr, s[1], 1) ^ _te(te_ptr, s[2], 2) ^ _te(te_ptr, s[3], 3) ^ tl.load(k),
+             _te(te_ptr, s[1], 0) ^ _te(te_ptr, s[2], 1) ^ _te(te_ptr, s[3], 2) ^ _te(te_ptr, s[0], 3)
+             ^ tl.load(k + 1),
+             _te(te_ptr, s[2], 0) ^ _te(te_ptr, s[3], 1) ^ _te(te_ptr, s[0], 2) ^ _te(te_ptr, s[1], 3)
+             ^ tl.load(k + 2),
+             _te(te_ptr, s[3], 0) ^ _te(te_ptr, s[0], 1) ^ _te(te_ptr, s[1], 2) ^ _te(te_ptr, s[2], 3)
+             ^ tl.load(k + 3))
+    k = rk_ptr + 56
+    return ((_sb(sb_ptr, s[0], 0) | _sb(sb_ptr, s[1], 1) | _sb(sb_ptr, s[2], 2) | _sb(sb_ptr, s[3], 3)) ^ tl.load(k),
+            (_sb(sb_ptr, s[1], 0) | _sb(sb_ptr, s[2], 1) | _sb(sb_ptr, s[3], 2) | _sb(sb_ptr, s[0], 3))
+            ^ tl.load(k + 1),
+            (_sb(sb_ptr, s[2], 0) | _sb(sb_ptr, s[3], 1) | _sb(sb_ptr, s[0], 2) | _sb(sb_ptr, s[1], 3))
+            ^ tl.load(k + 2),
+            (_sb(sb_ptr, s[3], 0) | _sb(sb_ptr, s[0], 1) | _sb(sb_ptr, s[1], 2) | _sb(sb_ptr, s[2], 3))
+            ^ tl.load(k + 3))
+
+
+@triton.jit
+def _tag_word(wire_at, tag, ok, w: tl.constexpr, mask, DECRYPT: tl.constexpr):
+    """Write word w of the tag (4 bytes, little-endian) or compare it with the wire; returns the running ok."""
+    if DECRYPT:
+        got = tl.load(wire_at + 4 * w, mask=mask, other=0).to(tl.uint32)
+        for i in tl.static_range(1, 4):
+            got = got | (tl.load(wire_at + 4 * w + i, mask=mask, other=0).to(tl.uint32) << (8 * i))
+        ok = ok & (got == tag)
+    else:
+        for i in tl.static_range(4):
+            tl.store(wire_at + 4 * w + i, ((tag >> (8 * i)) & 0xFF).to(tl.uint8), mask=mask)
+    return ok
+
+
+@triton.jit(do_not_specialize=["nbytes", "nchunks", "lane", "counter"])
+def _finalize_kernel(part_ptr, pow_ptr, wire, ok_ptr, te_ptr, sb_ptr, rk_ptr, nbytes, chunk_bytes, wire_stride,
+                     nchunks, lane, counter, mp_blocks, npart, seg_blocks,
+                     CPP: tl.constexpr, PB: tl.constexpr, DECRYPT: tl.constexpr):
+    cid = tl.program_id(0) * CPP + tl.arange(0, CPP)
+    cmask = cid < nchunks
+    z0 = tl.zeros([CPP], dtype=tl.uint32)
+    z = (z0, z0, z0, z0)
+    for p0 in range(0, npart, PB):
+        p = p0 + tl.arange(0, PB)
+        pmask = p < npart
+        seg = p // 16
+        last = seg * seg_blocks + seg_blocks - 2048 + (p % 16 + 112) * 16 + 15
+        e = tl.where(pmask, mp_blocks - last, 0)
+        v = (tl.load(pow_ptr + e * 4)[None, :], tl.load(pow_ptr + e * 4 + 1)[None, :],
+             tl.load(pow_ptr + e * 4 + 2)[None, :], tl.load(pow_ptr + e * 4 + 3)[None, :])
+        at = (cid[:, None] * npart + p[None, :]) * 4
+        m = cmask[:, None] & pmask[None, :]
+        x = (tl.load(part_ptr + at, mask=m, other=0), tl.load(part_ptr + at + 1, mask=m, other=0),
+             tl.load(part_ptr + at + 2, mask=m, other=0), tl.load(part_ptr + at + 3, mask=m, other=0))
+        y = _gf_mul_words(x, v)
+        z = (z[0] ^ tl.xor_sum(y[0], axis=1), z[1] ^ tl.xor_sum(y[1], axis=1),
+             z[2] ^ tl.xor_sum(y[2], axis=1), z[3] ^ tl.xor_sum(y[3], axis=1))
+    chunk_len = tl.minimum(chunk_bytes, nbytes - cid.to(tl.int64) * chunk_bytes)
+    bitlen = chunk_len * 8
+    zero = tl.zeros([CPP], dtype=tl.uint32)
+    h = (tl.load(pow_ptr + 4), tl.load(pow_ptr + 5), tl.load(pow_ptr + 6), tl.load(pow_ptr + 7))
+    lh = _gf_mul_words((zero, zero, (bitlen >> 32).to(tl.uint32), (bitlen & 0xFFFFFFFF).to(tl.uint32)), h)
+    ctr = counter.to(tl.int64) + cid
+    j0 = (zero + _bswap(lane.to(tl.uint32)), _bswap((ctr >> 32).to(tl.uint32)),
+          _bswap((ctr & 0xFFFFFFFF).to(tl.uint32)), zero + 0x01000000)
+    ej0 = _aes_block(j0, te_ptr, sb_ptr, rk_ptr)
+    at = wire + cid.to(tl.int64) * wire_stride + chunk_len
+    ok = cmask
+    ok = _tag_word(at, _bswap(z[0] ^ lh[0]) ^ ej0[0], ok, 0, cmask, DECRYPT)
+    ok = _tag_word(at, _bswap(z[1] ^ lh[1]) ^ ej0[1], ok, 1, cmask, DECRYPT)
+    ok = _tag_word(at, _bswap(z[2] ^ lh[2]) ^ ej0[2], ok, 2, cmask, DECRYPT)
+    ok = _tag_word(at, _bswap(z[3] ^ lh[3]) ^ ej0[3], ok, 3, cmask, DECRYPT)
+    if DECRYPT:
+        tl.store(ok_ptr + cid, ok.to(tl.int32), mask=cmask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch
+
+
+def _segment_tiles(tiles_per_chunk: int, nchunks: int) -> int:
+    """Tiles per GHASH program: fewer partials when there is parallelism to spare (power of two, <= 8)."""
+    r = 1
+    while r < 8 and r * 2 <= tiles_per_chunk and nchunks * tiles_per_chunk // (r * 2) >= 4 * 132:
+        r *= 2
+    return r
+
+
+def _ghash(dk: DeviceKey, wire: torch.Tensor, nbytes: int, chunk_bytes: int):
+    """Run the GHASH kernel over every chunk on the wire; returns partials and their geometry."""
+    nch = num_chunks(nbytes, chunk_bytes)
+    blocks = -(-min(chunk_bytes, nbytes) // 16)
+    r = _segment_tiles(-(-blocks // GH_TILE_BLOCKS), nch)
+    seg_blocks = r * GH_TILE_BLOCKS
+    mp = -(-blocks // seg_blocks) * seg_blocks
+    nseg = mp // seg_blocks
+    part = torch.empty(nch * nseg * GH_OUT_ROWS * 4, dtype=torch.uint32, device=wire.device)
+    _ghash_kernel[(nseg, nch)](wire, dk.table("w"), dk.table("mt"), dk.table("mh"), part, nbytes, chunk_bytes,
+                               chunk_bytes + TAG_BYTES, mp, nseg, R=r, num_warps=8)
+    return part, mp, nseg * GH_OUT_ROWS, seg_blocks
+
+
+def _finalize(dk: DeviceKey, wire: torch.Tensor, ok: torch.Tensor, ghash, nbytes: int, chunk_bytes: int, lane: int,
+              counter: int, decrypt: bool) -> None:
+    part, mp, npart, seg_blocks = ghash
+    nch = num_chunks(nbytes, chunk_bytes)
+    _finalize_kernel[(triton.cdiv(nch, FIN_CHUNKS),)](
+        part, dk.powers(mp + 1), wire, ok, dk.table("te"), dk.table("sbox"), dk.table("rk"), nbytes, chunk_bytes,
+        chunk_bytes + TAG_BYTES, nch, lane, counter, mp, npart, seg_blocks, CPP=FIN_CHUNKS, PB=FIN_PARTS,
+        DECRYPT=decrypt, num_warps=4)
+
+
+def _ctr(dk: DeviceKey, src: torch.Tensor, dst: torch.Tensor, ok: torch.Tensor, nbytes: int, chunk_bytes: int,
+         src_stride: int, dst_stride: int, lane: int, counter: int, gate: bool) -> None:
+    tile = min(CTR_TILE, chunk_bytes // LANE_BYTES)
+    per_tile = tile * LANE_BYTES
+    nch = num_chunks(nbytes, chunk_bytes)
+    grid = (nch - 1) * (chunk_bytes // per_tile) + triton.cdiv(nbytes - (nch - 1) * chunk_bytes, per_tile)
+    _ctr_kernel[(grid,)](src.view(torch.uint32), dst.view(torch.uint32), ok, dk.table("rk_bs"), nbytes, chunk_bytes,
+                         src_stride // 4, dst_stride // 4, lane, counter, TILE=tile, GATE=gate,
+                         num_warps=max(1, min(4, tile // 32)))
+
+
+def _check(plain: torch.Tensor, wire: torch.Tensor, nbytes: int, chunk_bytes: int) -> None:
+    check_chunk_bytes(chunk_bytes)
+    if nbytes <= 0:
+        raise ValueError("messages must be at least one byte long")
+    for name, t, need in (("plain", plain, _round16(nbytes)), ("wire", wire, _round16(wire_bytes(nbytes, chunk_bytes)))):
+        if t.dtype != torch.uint8 or not t.is_contiguous() or t.numel() < need:
+            raise ValueError(f"{name} must be a contiguous uint8 tensor of at least {need} bytes (use alloc_*)")
+
+
+def gcm_encrypt(dk: DeviceKey, plain: torch.Tensor, wire: torch.Tensor, nbytes: int, chunk_bytes: int, lane: int,
+                counter: int) -> None:
+    """Encrypt the first nbytes of `plain` into `wire` (ciphertext and tags), chunk i under IV (lane, counter + i)."""
+    _check(plain, wire, nbytes, chunk_bytes)
+    if dk.backend == "ref":
+        seal_chunks(dk.aead, plain.numpy(), wire.numpy(), nbytes, chunk_bytes, lane, counter,
+                    range(num_chunks(nbytes, chunk_bytes)))
+        return
+    none = torch.empty(1, dtype=torch.int32, device=plain.device)
+    _ctr(dk, plain, wire, none, nbytes, chunk_bytes, chunk_bytes, chunk_bytes + TAG_BYTES, lane, counter, False)
+    _finalize(dk, wire, none, _ghash(dk, wire, nbytes, chunk_bytes), nbytes, chunk_bytes, lane, counter, False)
+
+
+def gcm_decrypt(dk: DeviceKey, wire: torch.Tensor, plain: torch.Tensor, nbytes: int, chunk_bytes: int, lane: int,
+                counter: int) -> torch.Tensor:
+    """Verify and decrypt `wire` into `plain`; returns int32 ok flags per chunk. Failed chunks decrypt to zeros."""
+    _check(plain, wire, nbytes, chunk_bytes)
+    nch = num_chunks(nbytes, chunk_bytes)
+    if dk.backend == "ref":
+        ok = open_chunks(dk.aead, wire.numpy(), plain.numpy(), nbytes, chunk_bytes, lane, counter, range(nch))
+        return torch.tensor(ok, dtype=torch.int32)
+    ok = torch.empty(nch, dtype=torch.int32, device=wire.device)
+    _finalize(dk, wire, ok, _ghash(dk, wire, nbytes, chunk_bytes), nbytes, chunk_bytes, lane, counter, True)
+    _ctr(dk, wire, plain, ok, nbytes, chunk_bytes, chunk_bytes + TAG_BYTES, chunk_bytes, lane, counter, True)
+    return ok
