@@ -50,7 +50,43 @@ def phase_times(llm: LLM, steps: int) -> dict[str, float]:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
+def workload_breakdown(llm: LLM, name: str) -> None:
+    """Wall time of a whole workload split by step kind: prefill-only, mixed, and decode (by batch size)."""
+    from ccserve.bench.workloads import make
+    engine = llm.engine
+    for ids, out in make(name):
+        engine.add_request(str(len(engine.requests)) + name, ids, SamplingParams(
+            temperature=0.6, max_tokens=out, ignore_eos=True, detokenize=False))
+    kinds = defaultdict(lambda: [0, 0.0, 0])
+    schedule, last = engine.scheduler.schedule, {}
+
+    def recording_schedule():
+        last["batch"] = schedule()
+        return last["batch"]
+    engine.scheduler.schedule = recording_schedule
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        t = time.perf_counter()
+        outs = engine.step()
+        dt = time.perf_counter() - t
+        batch = last["batch"]
+        size = len(batch.decodes)
+        kind = "prefill+decode" if batch.prefills else f"decode bs<={1 << max(size - 1, 0).bit_length():<4d}"
+        kinds[kind][0] += 1
+        kinds[kind][1] += dt
+        kinds[kind][2] += sum(len(o.new_token_ids) for o in outs)
+    total = time.perf_counter() - start
+    print(f"\n{name}: {total:.2f} s")
+    for kind, (n, secs, tokens) in sorted(kinds.items()):
+        print(f"  {kind:16s} calls {n:5d}  {secs:7.2f} s  {secs / n * 1e3:7.2f} ms/call  {tokens:7d} tokens")
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and not sys.argv[1].isdigit():
+        llm = LLM(str(MODEL), load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.9)
+        for name in sys.argv[1:]:
+            workload_breakdown(llm, name)
+        return
     batch = int(sys.argv[1]) if len(sys.argv) > 1 else 64
     context = int(sys.argv[2]) if len(sys.argv) > 2 else 512
     llm = LLM(str(MODEL), load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.9)
