@@ -117,8 +117,9 @@ class LLMEngine:
         steps = self.config.num_decode_steps
         if steps == 1 or batch.prefills or any(s.num_uncomputed_tokens != 1 for s in batch.decodes):
             return 1
-        steps = min([steps] + [self.max_model_len - s.num_tokens + 1 for s in batch.decodes]
-                    + [s.params.max_tokens - s.num_output_tokens for s in batch.decodes])
+        # A sequence that stops inside the window wastes a few rows of a bandwidth-bound step; capping the
+        # window at the nearest max_tokens would instead cost every sequence a host round trip.
+        steps = min([steps] + [self.max_model_len - s.num_tokens + 1 for s in batch.decodes])
         if steps < 2 or not self.scheduler.reserve_decode_steps(batch, steps):
             return 1
         return steps

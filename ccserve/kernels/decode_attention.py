@@ -47,7 +47,7 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])
 def _decode_partial_kernel(
         Q, KCache, VCache, SeqLens, BlockTables, Out, PartM, PartL, PartAcc, qk_scale,
         stride_qb, stride_qh, stride_qd,

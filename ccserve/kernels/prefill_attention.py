@@ -121,7 +121,7 @@ def _find_sequence(CuSeqlensQ, num_seqs, slot, BLOCK_M: tl.constexpr):
     return count - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_slots", "stride_bt"])
 def _prefill_kernel(
         Q, KCache, VCache, CuSeqlensQ, SeqLens, BlockTables, Out, qk_scale, num_seqs, num_slots,
         stride_qt, stride_qh, stride_qd,

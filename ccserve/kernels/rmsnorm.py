@@ -26,7 +26,7 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: tor
     return out if residual is None else (out, residual)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows"])
 def _rmsnorm_kernel(X, Residual, Weight, Out, ResidualOut, num_rows, inner_rows, width, eps,
                     stride_xa, stride_xb, stride_ra, stride_rb,
                     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
