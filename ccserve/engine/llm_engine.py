@@ -59,6 +59,7 @@ class LLMEngine:
             generator = torch.Generator(device=self.runner.device)
             generator.manual_seed(params.seed)
         seq = Sequence(request_id, token_ids, params, generator)
+        seq.stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         if self.tokenizer is not None and params.detokenize:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
         self.requests[request_id] = seq
@@ -106,8 +107,8 @@ class LLMEngine:
             raise
         for seq, n in batch.items():
             seq.num_computed_tokens += n
-        for i, sampled in enumerate(sampled_steps):
-            self._apply(seqs, sampled, computed=i > 0)
+        if sampled_steps:
+            self._apply(seqs, sampled_steps)
         outputs = [self._output(seq) for seq in seqs if seq.num_sent_tokens < seq.num_output_tokens or seq.finished]
         self.runner.scrub(self.pool.take_blocks_to_scrub())
         return outputs
@@ -124,38 +125,49 @@ class LLMEngine:
             return 1
         return steps
 
-    def _apply(self, seqs: list[Sequence], sampled: SamplerOutput, computed: bool = False) -> None:
-        """Append one sampled token per sequence and finish those that stop. computed: the previous token's
-        KV was written on the device by a multi-step decode (so it counts as computed now)."""
-        token_ids = sampled.token_ids.tolist()
-        logprobs = _logprob_rows(sampled, len(seqs))
-        for seq, token, lp in zip(seqs, token_ids, logprobs):
+    def _apply(self, seqs: list[Sequence], sampled_steps: list[SamplerOutput]) -> None:
+        """Append each sequence's sampled tokens (one per step) up to its first stop; finish those that stop.
+
+        One device->host copy for all steps. Of the m tokens a sequence accepts from a multi-step window,
+        the first m - 1 were fed back and computed on the device, so they count as computed."""
+        rows = torch.stack([s.token_ids for s in sampled_steps], dim=1).tolist()
+        logprobs = [_logprob_rows(s, len(seqs)) for s in sampled_steps] if sampled_steps[0].logprobs is not None else None
+        for b, (seq, row) in enumerate(zip(seqs, rows)):
             if seq.finished:
                 continue
-            if computed:
-                seq.num_computed_tokens += 1
-            seq.token_ids.append(token)
-            self.generation_tokens_total += 1
-            if seq.logprobs is not None and lp is not None:
-                seq.logprobs.append(TokenLogprob(token, lp[0], dict(lp[1][:seq.params.logprobs])))
-            reason = self._finish_reason(seq, token)
+            tokens, reason = self._accept(seq, row)
+            seq.token_ids.extend(tokens)
+            seq.num_computed_tokens += len(tokens) - 1
+            self.generation_tokens_total += len(tokens)
+            if seq.logprobs is not None and logprobs is not None:
+                for token, step in zip(tokens, logprobs):
+                    lp, top = step[b]
+                    seq.logprobs.append(TokenLogprob(token, lp, dict(top[:seq.params.logprobs])))
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.requests.pop(seq.request_id, None)
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def _accept(self, seq: Sequence, row: list[int]) -> tuple[list[int], str | None]:
+        """The prefix of a sequence's new tokens it keeps, and why it stops ("stop" wins over "length")."""
         params = seq.params
-        if not params.ignore_eos and token in self.eos_token_ids:
-            return "stop"
-        if token in params.stop_token_ids:
-            return "stop"
-        if seq.detokenizer is not None:
-            seq.detokenizer.append([token])
-            if seq.detokenizer.stopped:
-                return "stop"
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+        room = min(params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
+        take, reason = (room, "length") if room <= len(row) else (len(row), None)
+        for i in range(take):
+            if row[i] in seq.stop_token_ids:
+                take, reason = i + 1, "stop"
+                break
+        tokens = row[:take]
+        detok = seq.detokenizer
+        if detok is None:
+            return tokens, reason
+        if not params.stop:
+            detok.append(tokens)
+            return tokens, reason
+        for i, token in enumerate(tokens):
+            detok.append([token])
+            if detok.stopped:
+                return tokens[:i + 1], "stop"
+        return tokens, reason
 
     def _output(self, seq: Sequence) -> RequestOutput:
         if seq.finished and seq.detokenizer is not None:
@@ -202,12 +214,12 @@ def load_tokenizer(config: EngineConfig):
     return AutoTokenizer.from_pretrained(path)
 
 
-def eos_ids(hf_config, tokenizer) -> set[int]:
+def eos_ids(hf_config, tokenizer) -> frozenset[int]:
     ids = getattr(hf_config, "eos_token_id", None)
     ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    return ids
+    return frozenset(ids)
 
 
 def _logprob_rows(sampled: SamplerOutput, n: int) -> list[tuple[float, list[tuple[int, float]]] | None]:

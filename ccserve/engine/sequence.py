@@ -38,6 +38,7 @@ class Sequence:
         self.first_token_time: float | None = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.detokenizer = None
+        self.stop_token_ids: frozenset[int] = frozenset(params.stop_token_ids)
         self.num_sent_tokens = 0
         self.num_sent_chars = 0
 
