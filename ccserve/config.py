@@ -15,7 +15,7 @@ class EngineConfig:
 
     max_model_len None takes the model's max_position_embeddings. num_decode_steps > 1 lets a batch of pure
     decodes run that many steps on the device per host round trip (the sampled token feeds the next step on
-    the GPU), when no waiting request could be admitted meanwhile; it amortizes the host's per-step work. num_gpu_blocks fixes the KV cache size
+    the GPU), when no waiting request could be admitted; it amortizes the host's per-step work. num_gpu_blocks fixes the KV cache size
     instead of profiling (tests use it to force preemption). dtype "auto" is the checkpoint's dtype on a GPU
     and float32 on the CPU, where bf16 matmuls are slow and tests compare against float32 references.
     """

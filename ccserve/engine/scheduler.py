@@ -71,7 +71,7 @@ class Scheduler:
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self._grow(seq, seq.num_computed_tokens + n):
+            if not self._admissible(seq, n) or not self._grow(seq, seq.num_computed_tokens + n):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -87,9 +87,9 @@ class Scheduler:
         return batch
 
     def reserve_decode_steps(self, batch: ScheduledBatch, steps: int) -> bool:
-        """Give every decode of a pure-decode batch blocks for `steps` tokens, if that needs no preemption
-        and no waiting request could be admitted meanwhile (it would wait `steps` steps for its turn)."""
-        if batch.prefills or (self.waiting and len(self.running) < self.max_num_seqs):
+        """Give every decode of a pure-decode batch blocks for `steps` tokens, if that needs no preemption.
+        (A pure-decode batch means schedule() could admit no waiting request this step.)"""
+        if batch.prefills:
             return False
         need = sum(max(0, -(-(s.num_computed_tokens + steps) // self.block_size) - len(s.block_ids))
                    for s in batch.decodes)
@@ -108,6 +108,13 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         self._release(seq)
+
+    def _admissible(self, seq: Sequence, n: int) -> bool:
+        """Admit only while a block per running sequence stays free afterwards: without that headroom the
+        running sequences outgrow the pool within a few steps and the newcomer is preempted right after its
+        prefill (thrashing), and multi-step decode windows cannot reserve their blocks."""
+        need = -(-(seq.num_computed_tokens + n) // self.block_size) - len(seq.block_ids)
+        return self.pool.num_free - need >= len(self.running)
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give seq enough blocks for num_tokens tokens; False if the pool is short."""
