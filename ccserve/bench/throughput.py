@@ -18,7 +18,7 @@ from ccserve.sampling_params import SamplingParams
 
 
 def run_workload(llm: LLM, name: str, repeats: int = 1) -> dict:
-    reqs = make(name)
+    reqs = make(name, vocab=min(128000, llm.engine.vocab_size))  # 128000 for Llama-3, as the peers ran
     prompts = [ids for ids, _ in reqs]
     params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, detokenize=False) for _, o in reqs]
     llm.generate(prompts[:4], params[:4])

@@ -1,0 +1,35 @@
+"""The command line on a tiny model: generate prints text, bench writes a JSON result, bad input exits 2."""
+import json
+
+import pytest
+
+from ccserve.cli import main
+from tests.tiny_models import make_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp("cli") / "llama", "llama")
+
+
+def test_generate_prints_text(model_dir, capsys):
+    main(["generate", "--model", str(model_dir), "--max-model-len", "128", "--num-gpu-blocks", "32",
+          "--max-tokens", "5", "--chat", "Hello there"])
+    assert capsys.readouterr().out.strip()
+
+
+def test_bench_writes_result_with_machine_commit_settings(model_dir, tmp_path):
+    main(["bench", "--model", str(model_dir), "--workloads", "C-decode", "--max-model-len", "160",
+          "--num-gpu-blocks", "1024", "--out", str(tmp_path)])
+    (result_file,) = tmp_path.glob("throughput-*.json")
+    result = json.loads(result_file.read_text())
+    assert {"machine", "commit", "settings", "results"} <= result.keys()
+    run = result["results"]["C-decode"]
+    assert run["out_tok"] == 64 * 32 and run["output_tok_s"] > 0  # 160 - 128 prompt tokens each
+
+
+def test_bad_setting_exits_with_a_sentence(model_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", str(model_dir), "--block-size", "7", "hi"])
+    assert exc.value.code == 2
+    assert "block_size" in capsys.readouterr().err
