@@ -10,9 +10,11 @@ from ccserve.kernels.skinny_gemm import skinny_gemm_triton
 # Which GEMMs take the Triton skinny GEMM instead of cuBLAS: decode batches of at most SKINNY_MAX_ROWS rows, on
 # weights of at most SKINNY_MAX_WEIGHT elements. cuBLAS's GEMV-like kernels stream Llama-3-8B's gate_up
 # (117M elements) at ~94% of copy bandwidth already, but o_proj at ~50% and qkv/down through split-K plus a
-# reduce launch. bench/gpu_gemv.py times both on the GPU and prints the values to put here.
-SKINNY_MAX_ROWS = 8
-SKINNY_MAX_WEIGHT = 64 << 20
+# reduce launch. bench/gpu_gemv.py times both on the GPU and prints the values to put here; on the H100
+# (bench/results/gpu_gemv-h100.json) Triton won for qkv and o_proj up to 4 rows (o_proj 16.6 -> 15.6 us at
+# 1 row) and lost or tied on down and gate_up.
+SKINNY_MAX_ROWS = 4
+SKINNY_MAX_WEIGHT = 24 << 20
 SKINNY_DTYPES = (torch.bfloat16, torch.float16)
 
 

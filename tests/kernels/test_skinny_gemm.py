@@ -135,6 +135,7 @@ def test_chooser_fills_the_gpu_with_valid_configs(m, shape):
 
 
 def test_linear_dispatch_rule_is_shape_only():
-    assert use_skinny_gemm(1, 4096, 4096) and use_skinny_gemm(SKINNY_MAX_ROWS, 4096, 14336)
+    assert use_skinny_gemm(1, 4096, 4096) and use_skinny_gemm(SKINNY_MAX_ROWS, 6144, 4096)
+    assert not use_skinny_gemm(1, 28672, 4096)  # gate_up stays on cuBLAS
     assert not use_skinny_gemm(0, 4096, 4096) and not use_skinny_gemm(SKINNY_MAX_ROWS + 1, 4096, 4096)
     assert SKINNY_MAX_ROWS <= sg.MAX_ROWS
