@@ -1,6 +1,6 @@
 """GPU run of the engine, in one call: correctness first, then the HBM floor, batch-1 decode, workloads.
 
-Usage (on the GPU machine, repository root): python bench/gpu_engine.py [WORKLOAD ...]
+Usage (on the GPU machine, repository root): python bench/gpu_engine.py [WORKLOAD[:REPEATS] ...]
 Env: OUT (directory for the JSON), CCSERVE_COMMIT (commit id; the device copy has no .git),
 MAX_NUM_SEQS, MAX_BATCHED, SKIP_CHECK=1.
 """
@@ -59,18 +59,17 @@ def copy_bandwidth() -> float:
 
 
 def batch1_decode(llm: LLM, context: int = 1024, steps: int = 256) -> float:
-    """Milliseconds per output token for one sequence at ~context tokens (prefill excluded)."""
+    """Milliseconds per output token for one sequence at ~context tokens (prefill excluded), median of 5."""
     prompt = torch.randint(10, 128000, (context,)).tolist()
-    timings = []
-    for n in (1, steps + 1, 1, steps + 1):
+
+    def seconds(n: int) -> float:
         torch.cuda.synchronize()
         t = time.perf_counter()
         llm.generate([prompt], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False))
         torch.cuda.synchronize()
-        timings.append(time.perf_counter() - t)
-    prefill = min(timings[0], timings[2])
-    full = min(timings[1], timings[3])
-    return (full - prefill) / steps * 1e3
+        return time.perf_counter() - t
+    per_token = sorted((seconds(steps + 1) - seconds(1)) / steps * 1e3 for _ in range(5))
+    return per_token[len(per_token) // 2]
 
 
 def main() -> None:
@@ -95,8 +94,9 @@ def main() -> None:
                                       ratio_to_floor=round(ms / floor_ms, 3), weight_gb=round(weight_bytes / 1e9, 2))
     print("batch1", result["batch1_decode_1k"], flush=True)
     peers = {"A-mixed": 8597, "B-pressure": 9479, "C-decode": 7036}
-    for name in workloads:
-        r = run_workload(llm, name, repeats=int(os.environ.get("REPEATS", 1)))
+    for spec in workloads:
+        name, _, repeats = spec.partition(":")
+        r = run_workload(llm, name, repeats=int(repeats or os.environ.get("REPEATS", 1)))
         r["vs_vllm"] = round(r["output_tok_s"] / peers[name], 3)
         result["results"][name] = r
         print(name, r, flush=True)
@@ -107,8 +107,9 @@ def main() -> None:
     b = result["batch1_decode_1k"]
     print(f"| batch-1 decode @1K | {b['ms_per_token']} ms (floor {b['hbm_floor_ms']}, x{b['ratio_to_floor']}) |")
     for name, r in result["results"].items():
-        print(f"| {name} | {r['output_tok_s']} out tok/s, {r['seconds']} s, x{r['vs_vllm']} vLLM, "
-              f"{r['preemptions']} preemptions |")
+        spread = [run["output_tok_s"] for run in r["runs"]]
+        print(f"| {name} | {r['output_tok_s']} out tok/s (median of {len(spread)}: {min(spread)}..{max(spread)}), "
+              f"x{r['vs_vllm']} vLLM, {r['preemptions']} preemptions |")
 
 
 if __name__ == "__main__":
