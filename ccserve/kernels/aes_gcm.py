@@ -10,9 +10,10 @@ Why the GPU path looks the way it does:
   word is column c of block b). SubBytes is a 110-gate boolean circuit on words, ShiftRows a rotate per row and
   MixColumns XORs between rows: no table lookups, so no bank conflicts and no key-dependent memory access.
 - GHASH multiplies by fixed powers of H, which is linear over GF(2). A tile of ciphertext bits times a 0/1 matrix on
-  the int8 tensor cores gives the GHASH of 16 blocks per row (bit k of each byte is masked out and weighted 2^(7-k)
+  the int8 tensor cores gives the GHASH of 8 blocks per row (bit k of each byte is masked out and weighted 2^(7-k)
   so bit 7 of the int32 sum is the parity). Rows carry across tiles by a Horner step (another matmul) and fold
-  pairwise at the end; a finalize kernel multiplies the few partials per segment by powers of H.
+  pairwise at the end; a finalize kernel multiplies the few partials per segment by powers of H. The kernel is
+  persistent, so its 128 KiB of bit matrices are loaded into shared memory once per SM.
 - Decryption verifies before it decrypts (ghash -> finalize -> ctr); ctr writes zeros for chunks whose tag failed,
   so unauthenticated plaintext never reaches GPU memory.
 Buffers handed to the kernels are uint8 tensors whose storage is padded to a multiple of 16 bytes (`alloc_*`).
@@ -30,12 +31,17 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 TAG_BYTES = 16
 LANE_BYTES = 128            # one bitsliced lane = 8 AES blocks
 GH_ROWS = 128               # GHASH tile rows
-GH_ROW_BLOCKS = 16          # AES blocks per GHASH tile row
+GH_ROW_BLOCKS = 8           # AES blocks per GHASH tile row: the 8 bit matrices (128 KiB) stay in shared memory
 GH_TILE_BLOCKS = GH_ROWS * GH_ROW_BLOCKS
 GH_OUT_ROWS = 16            # rows left per segment after pairwise folding
-CTR_TILE = 256              # lanes per CTR program
-FIN_CHUNKS = 16             # chunks per finalize program
-FIN_PARTS = 64              # partials per finalize step
+GH_FOLDS = (64, 32, 16)     # rows after each pairwise fold
+CTR_TILE = 256              # lanes per CTR program (2 per thread: 128 registers, no spills on sm_90)
+CTR_WARPS = 4
+FIN_CHUNKS = 16             # chunks per finalize program at most
+FIN_ELEMS = 1024            # (chunk, partial) pairs per finalize step
+MIN_SEGMENTS = 4 * 132      # GHASH segments to keep an H100 busy before segments grow longer
+GH_MAX_TILES = 32           # tiles per segment at most
+GH_MAX_SEGMENTS = 16        # segments per chunk that keep the finalize (one GF multiply per partial) cheap
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,8 +154,8 @@ def expand_key(key: bytes) -> list[bytes]:
             rcon = _gf8_mul(rcon, 2)
         elif i % 8 == 4:
             t = [SBOX[b] for b in t]
-        words.append([a ^ b for a, b in zip(words[i - 8], t)])
-    return [bytes(sum(words[4 * r:4 * r + 4], [])) for r in range(15)]
+        words.append([a ^ b for a, b in zip(words[i - 8], t, strict=True)])
+    return [bytes(b for word in words[4 * r:4 * r + 4] for b in word) for r in range(15)]
 
 
 def _bitsliced_round_keys(round_keys: list[bytes]) -> np.ndarray:
@@ -215,7 +221,7 @@ def _matrix(y: int) -> np.ndarray:
 def _ghash_row_matrices(h: int) -> np.ndarray:
     """[8, 16 * GH_ROW_BLOCKS, 128] int8: for bit k of each row byte, the contribution to the row's GHASH.
 
-    Row block i (of 16) carries weight H^(16 - i); byte b of a block holds coefficients 8b..8b+7 with the most
+    Row block i carries weight H^(GH_ROW_BLOCKS - i); byte b of a block holds coefficients 8b..8b+7 with the most
     significant bit first, so bit k of byte b is coefficient 8b + 7 - k. The row byte is masked to (1 << k) before
     the dot, so the matrix entry is 2^(7-k) (2^7 written as -128) to land every product on 2^7.
     """
@@ -254,6 +260,13 @@ def _powers(h: int, count: int) -> np.ndarray:
     return words.astype(np.uint32)
 
 
+def _upload(a: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Copy a key-derived host table to the device and overwrite the host copy."""
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(device, copy=True).view(dtype)
+    a.fill(0)
+    return t
+
+
 class DeviceKey:
     """One AES-256 key as the GPU kernels need it: round keys, T-tables, GHASH matrices and powers of H.
 
@@ -277,16 +290,16 @@ class DeviceKey:
         round_keys = expand_key(key)
         encrypt = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
         self._h = int.from_bytes(encrypt.update(bytes(16)) + encrypt.finalize(), "big")
-        put = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a)).to(self.device).view(dt)  # noqa: E731
         self._tables = {
-            "rk_bs": put(_bitsliced_round_keys(round_keys).view(np.int32), torch.uint32),
-            "rk": put(np.frombuffer(b"".join(round_keys), dtype=np.uint32).copy().view(np.int32), torch.uint32),
-            "te": put(_te_tables().view(np.int32), torch.uint32),
-            "sbox": put(np.array(SBOX, dtype=np.int32), torch.uint32),
-            "w": put(_ghash_row_matrices(self._h), torch.int8),
-            "mt": put(_matrix(_gf_pow(self._h, GH_TILE_BLOCKS)), torch.int8),
-            "mh": put(np.stack([_matrix(_gf_pow(self._h, GH_ROW_BLOCKS * half)) for half in (64, 32, 16)]),
-                      torch.int8),
+            "rk_bs": _upload(_bitsliced_round_keys(round_keys).view(np.int32), self.device, torch.uint32),
+            "rk": _upload(np.frombuffer(b"".join(round_keys), dtype=np.uint32).copy().view(np.int32), self.device,
+                          torch.uint32),
+            "te": _upload(_te_tables().view(np.int32), self.device, torch.uint32),
+            "sbox": _upload(np.array(SBOX, dtype=np.int32), self.device, torch.uint32),
+            "w": _upload(_ghash_row_matrices(self._h), self.device, torch.int8),
+            "mt": _upload(_matrix(_gf_pow(self._h, GH_TILE_BLOCKS)), self.device, torch.int8),
+            "mh": _upload(np.stack([_matrix(_gf_pow(self._h, GH_ROW_BLOCKS * half)) for half in GH_FOLDS]),
+                          self.device, torch.int8),
         }
 
     def powers(self, count: int) -> torch.Tensor:
@@ -294,8 +307,7 @@ class DeviceKey:
         have = self._tables.get("powers")
         if have is None or have.shape[0] < count:
             grow = max(count, 2 * (0 if have is None else have.shape[0]))
-            self._tables["powers"] = torch.from_numpy(_powers(self._h, grow).view(np.int32)).to(self.device).view(
-                torch.uint32)
+            self._tables["powers"] = _upload(_powers(self._h, grow).view(np.int32), self.device, torch.uint32)
         return self._tables["powers"]
 
     @property
@@ -629,7 +641,7 @@ def _ctr_kernel(src, dst, ok_ptr, rk_ptr, nbytes, chunk_bytes, src_stride, dst_s
 
 @triton.jit
 def _fold(u, m_ptr, HALF: tl.constexpr):
-    """Rows g and g + HALF -> row g: u[g] * H^(16 * HALF) ^ u[g + HALF]."""
+    """Rows g and g + HALF -> row g: u[g] * H^(GH_ROW_BLOCKS * HALF) ^ u[g + HALF] (the matrix at m_ptr)."""
     bits = tl.arange(0, 128)
     m = tl.load(m_ptr + bits[:, None] * 128 + bits[None, :])
     lo, hi = tl.split(tl.permute(tl.reshape(u, [2, HALF, 128]), (1, 2, 0)))
@@ -638,42 +650,50 @@ def _fold(u, m_ptr, HALF: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["nbytes"])
-def _ghash_kernel(wire, w_ptr, mt_ptr, mh_ptr, part_ptr, nbytes, chunk_bytes, wire_stride, mp_blocks, nseg,
-                  R: tl.constexpr):
-    """Partial GHASH of one segment (R tiles of 128 rows x 16 blocks) of one chunk.
+def _ghash_kernel(wire, w_ptr, mt_ptr, mh_ptr, part_ptr, nbytes, chunk_bytes, wire_stride, mp_blocks, nseg, nwork,
+                  R: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr):
+    """Partial GHASH of segments (R tiles of ROWS rows x ROW_BLOCKS blocks) of chunks; persistent over segments.
 
     Blocks are indexed right-aligned: virtual block v = real block + (mp_blocks - blocks in chunk), so the zero
-    blocks padding a short chunk sit in front, where they do not change the GHASH. Writes 16 partial sums, row g
-    standing for all blocks up to virtual block `last(g)` of the segment, still to be multiplied by
-    H^(mp_blocks - last(g)).
+    blocks padding a short chunk sit in front, where they do not change the GHASH. Each segment writes 16 partial
+    sums, row g standing for all blocks up to virtual block `last(g)`, still to be multiplied by
+    H^(mp_blocks - last(g)) (see _finalize_kernel). The bit matrices are loaded once per program.
     """
-    seg = tl.program_id(0)
-    chunk = tl.program_id(1)
-    chunk_len = tl.minimum(chunk_bytes, nbytes - chunk.to(tl.int64) * chunk_bytes).to(tl.int32)
-    pad = mp_blocks - (chunk_len + 15) // 16
-    rows = tl.arange(0, 128)
-    cols = tl.arange(0, 256)
+    RB: tl.constexpr = 16 * ROW_BLOCKS
+    TILE: tl.constexpr = ROWS * ROW_BLOCKS
+    rows = tl.arange(0, ROWS)
+    cols = tl.arange(0, RB)
     bits = tl.arange(0, 128)
     mt = tl.load(mt_ptr + bits[:, None] * 128 + bits[None, :])
-    base = wire + chunk.to(tl.int64) * wire_stride
-    u = tl.zeros([128, 128], dtype=tl.int8)
-    for t in range(R):
-        first = (seg * R + t) * 2048 + rows * 16 - pad
-        offs = first[:, None] * 16 + cols[None, :]
-        x = tl.load(base + offs, mask=(offs >= 0) & (offs < chunk_len), other=0)
-        acc = tl.dot(u, mt)
-        for k in tl.static_range(8):
-            wk = tl.load(w_ptr + k * 256 * 128 + cols[:, None] * 128 + bits[None, :])
-            acc = tl.dot((x & (1 << k)).to(tl.int8, bitcast=True), wk, acc)
-        u = ((acc >> 7) & 1).to(tl.int8)
-    u = _fold(u, mh_ptr, 64)
-    u = _fold(u, mh_ptr + 128 * 128, 32)
-    u = _fold(u, mh_ptr + 2 * 128 * 128, 16)
-    shift = 31 - tl.arange(0, 32)
-    words = tl.sum(tl.reshape(u.to(tl.uint32), [16, 4, 32]) << shift[None, None, :], axis=2)
-    r16 = tl.arange(0, 16)
-    w4 = tl.arange(0, 4)
-    tl.store(part_ptr + ((chunk * nseg + seg) * 16 + r16[:, None]) * 4 + w4[None, :], words)
+    w = ()
+    for k in tl.static_range(8):
+        w = w + (tl.load(w_ptr + k * RB * 128 + cols[:, None] * 128 + bits[None, :]),)
+    for work in range(tl.program_id(0), nwork, tl.num_programs(0)):
+        chunk = work // nseg
+        seg = work % nseg
+        chunk_len = tl.minimum(chunk_bytes, nbytes - chunk.to(tl.int64) * chunk_bytes).to(tl.int32)
+        pad = mp_blocks - (chunk_len + 15) // 16
+        base = wire + chunk.to(tl.int64) * wire_stride
+        u = tl.zeros([ROWS, 128], dtype=tl.int8)
+        for t in range(R):
+            start = ((seg * R + t) * TILE - pad) * 16
+            offs = start + rows[:, None] * RB + cols[None, :]
+            if (start >= 0) & (start + TILE * 16 <= chunk_len):
+                x = tl.load(base + offs)  # whole tile inside the chunk: the fast, unmasked path
+            else:
+                x = tl.load(base + offs, mask=(offs >= 0) & (offs < chunk_len), other=0)
+            acc = tl.dot(u, mt)
+            for k in tl.static_range(8):
+                acc = tl.dot((x & (1 << k)).to(tl.int8, bitcast=True), w[k], acc)
+            u = ((acc >> 7) & 1).to(tl.int8)
+        u = _fold(u, mh_ptr, 64)
+        u = _fold(u, mh_ptr + 128 * 128, 32)
+        u = _fold(u, mh_ptr + 2 * 128 * 128, 16)
+        shift = 31 - tl.arange(0, 32)
+        words = tl.sum(tl.reshape(u.to(tl.uint32), [16, 4, 32]) << shift[None, None, :], axis=2)
+        r16 = tl.arange(0, 16)
+        w4 = tl.arange(0, 4)
+        tl.store(part_ptr + (work * 16 + r16[:, None]) * 4 + w4[None, :], words)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -746,7 +766,9 @@ def _tag_word(wire_at, tag, ok, w: tl.constexpr, mask, DECRYPT: tl.constexpr):
 @triton.jit(do_not_specialize=["nbytes", "nchunks", "lane", "counter"])
 def _finalize_kernel(part_ptr, pow_ptr, wire, ok_ptr, te_ptr, sb_ptr, rk_ptr, nbytes, chunk_bytes, wire_stride,
                      nchunks, lane, counter, mp_blocks, npart, seg_blocks,
-                     CPP: tl.constexpr, PB: tl.constexpr, DECRYPT: tl.constexpr):
+                     CPP: tl.constexpr, PB: tl.constexpr, DECRYPT: tl.constexpr, ROWS: tl.constexpr,
+                     ROW_BLOCKS: tl.constexpr):
+    TILE: tl.constexpr = ROWS * ROW_BLOCKS
     cid = tl.program_id(0) * CPP + tl.arange(0, CPP)
     cmask = cid < nchunks
     z0 = tl.zeros([CPP], dtype=tl.uint32)
@@ -755,7 +777,7 @@ def _finalize_kernel(part_ptr, pow_ptr, wire, ok_ptr, te_ptr, sb_ptr, rk_ptr, nb
         p = p0 + tl.arange(0, PB)
         pmask = p < npart
         seg = p // 16
-        last = seg * seg_blocks + seg_blocks - 2048 + (p % 16 + 112) * 16 + 15
+        last = seg * seg_blocks + seg_blocks - TILE + (p % 16 + ROWS - 16) * ROW_BLOCKS + ROW_BLOCKS - 1
         e = tl.where(pmask, mp_blocks - last, 0)
         v = (tl.load(pow_ptr + e * 4)[None, :], tl.load(pow_ptr + e * 4 + 1)[None, :],
              tl.load(pow_ptr + e * 4 + 2)[None, :], tl.load(pow_ptr + e * 4 + 3)[None, :])
@@ -790,11 +812,19 @@ def _finalize_kernel(part_ptr, pow_ptr, wire, ok_ptr, te_ptr, sb_ptr, rk_ptr, nb
 
 
 def _segment_tiles(tiles_per_chunk: int, nchunks: int) -> int:
-    """Tiles per GHASH program: fewer partials when there is parallelism to spare (power of two, <= 8)."""
+    """Tiles per GHASH segment (a power of two): at most GH_MAX_SEGMENTS segments per chunk, and longer segments
+    (fewer partials for the finalize) while there are still MIN_SEGMENTS segments to spread over the GPU."""
     r = 1
-    while r < 8 and r * 2 <= tiles_per_chunk and nchunks * tiles_per_chunk // (r * 2) >= 4 * 132:
+    while r < GH_MAX_TILES and r * 2 <= tiles_per_chunk and (
+            tiles_per_chunk // r > GH_MAX_SEGMENTS or nchunks * tiles_per_chunk // (r * 2) >= MIN_SEGMENTS):
         r *= 2
     return r
+
+
+def _num_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
 
 
 def _ghash(dk: DeviceKey, wire: torch.Tensor, nbytes: int, chunk_bytes: int):
@@ -806,8 +836,10 @@ def _ghash(dk: DeviceKey, wire: torch.Tensor, nbytes: int, chunk_bytes: int):
     mp = -(-blocks // seg_blocks) * seg_blocks
     nseg = mp // seg_blocks
     part = torch.empty(nch * nseg * GH_OUT_ROWS * 4, dtype=torch.uint32, device=wire.device)
-    _ghash_kernel[(nseg, nch)](wire, dk.table("w"), dk.table("mt"), dk.table("mh"), part, nbytes, chunk_bytes,
-                               chunk_bytes + TAG_BYTES, mp, nseg, R=r, num_warps=8)
+    grid = min(nch * nseg, _num_programs(wire.device))
+    _ghash_kernel[(grid,)](wire, dk.table("w"), dk.table("mt"), dk.table("mh"), part, nbytes, chunk_bytes,
+                           chunk_bytes + TAG_BYTES, mp, nseg, nch * nseg, R=r, ROWS=GH_ROWS,
+                           ROW_BLOCKS=GH_ROW_BLOCKS, num_warps=8, num_stages=1)  # 168 KiB smem; more stages overflow
     return part, mp, nseg * GH_OUT_ROWS, seg_blocks
 
 
@@ -815,10 +847,11 @@ def _finalize(dk: DeviceKey, wire: torch.Tensor, ok: torch.Tensor, ghash, nbytes
               counter: int, decrypt: bool) -> None:
     part, mp, npart, seg_blocks = ghash
     nch = num_chunks(nbytes, chunk_bytes)
-    _finalize_kernel[(triton.cdiv(nch, FIN_CHUNKS),)](
+    cpp = min(FIN_CHUNKS, triton.next_power_of_2(nch))
+    _finalize_kernel[(triton.cdiv(nch, cpp),)](
         part, dk.powers(mp + 1), wire, ok, dk.table("te"), dk.table("sbox"), dk.table("rk"), nbytes, chunk_bytes,
-        chunk_bytes + TAG_BYTES, nch, lane, counter, mp, npart, seg_blocks, CPP=FIN_CHUNKS, PB=FIN_PARTS,
-        DECRYPT=decrypt, num_warps=4)
+        chunk_bytes + TAG_BYTES, nch, lane, counter, mp, npart, seg_blocks, CPP=cpp, PB=FIN_ELEMS // cpp,
+        DECRYPT=decrypt, ROWS=GH_ROWS, ROW_BLOCKS=GH_ROW_BLOCKS, num_warps=4)
 
 
 def _ctr(dk: DeviceKey, src: torch.Tensor, dst: torch.Tensor, ok: torch.Tensor, nbytes: int, chunk_bytes: int,
@@ -829,14 +862,15 @@ def _ctr(dk: DeviceKey, src: torch.Tensor, dst: torch.Tensor, ok: torch.Tensor, 
     grid = (nch - 1) * (chunk_bytes // per_tile) + triton.cdiv(nbytes - (nch - 1) * chunk_bytes, per_tile)
     _ctr_kernel[(grid,)](src.view(torch.uint32), dst.view(torch.uint32), ok, dk.table("rk_bs"), nbytes, chunk_bytes,
                          src_stride // 4, dst_stride // 4, lane, counter, TILE=tile, GATE=gate,
-                         num_warps=max(1, min(4, tile // 32)))
+                         num_warps=max(1, min(CTR_WARPS, tile // 32)))
 
 
 def _check(plain: torch.Tensor, wire: torch.Tensor, nbytes: int, chunk_bytes: int) -> None:
     check_chunk_bytes(chunk_bytes)
     if nbytes <= 0:
         raise ValueError("messages must be at least one byte long")
-    for name, t, need in (("plain", plain, _round16(nbytes)), ("wire", wire, _round16(wire_bytes(nbytes, chunk_bytes)))):
+    wire_need = _round16(wire_bytes(nbytes, chunk_bytes))
+    for name, t, need in (("plain", plain, _round16(nbytes)), ("wire", wire, wire_need)):
         if t.dtype != torch.uint8 or not t.is_contiguous() or t.numel() < need:
             raise ValueError(f"{name} must be a contiguous uint8 tensor of at least {need} bytes (use alloc_*)")
 
