@@ -51,7 +51,7 @@ class ModelRunner:
         num_blocks = config.num_gpu_blocks or self._profile_num_blocks()
         self.kv_cache = KVCache(*self.kv_shape, num_blocks=num_blocks, dtype=self.dtype, device=self.device)
         self.kv_cache.bind(self.attn_layers)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_decode_graphs()
 
@@ -165,7 +165,6 @@ class ModelRunner:
         self.g_slots = torch.full((max_bs,), -1, dtype=torch.int64, device=dev)
         self.g_seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.g_out = None
         empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
         pool = None
         for bs in reversed(self._graph_batch_sizes()):
@@ -177,8 +176,6 @@ class ModelRunner:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self.model(self.g_ids[:bs], self.g_pos[:bs], meta)
-            if self.g_out is None:
-                self.g_out = out
             pool = graph.pool()
             self.graphs[bs] = (graph, out)
             torch.cuda.synchronize()
