@@ -136,7 +136,7 @@ class LLMEngine:
             if seq.finished:
                 continue
             tokens, reason = self._accept(seq, row)
-            seq.token_ids.extend(tokens)
+            seq.append_tokens(tokens)
             seq.num_computed_tokens += len(tokens) - 1
             self.generation_tokens_total += len(tokens)
             if seq.logprobs is not None and logprobs is not None:

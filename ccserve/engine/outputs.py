@@ -17,6 +17,9 @@ class TokenLogprob:
 class RequestOutput:
     """A request's state after a step: everything so far, plus the delta since its previous output.
 
+    prompt_token_ids, token_ids and logprobs are the engine's own lists, shared rather than copied so that a
+    step costs nothing per token already generated: they only grow, and a consumer must not modify them.
+
     finish_reason: "stop" (EOS, stop token or stop string), "length" (max_tokens or max_model_len) or "abort".
     """
 

@@ -1,7 +1,6 @@
 """The state of one request inside the engine."""
 from __future__ import annotations
 
-import time
 from enum import Enum, auto
 
 import torch
@@ -28,14 +27,14 @@ class Sequence:
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
+        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
         self.params = params
         self.generator = generator
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
         self.finish_reason: str | None = None
-        self.arrival_time = time.monotonic()
-        self.first_token_time: float | None = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.detokenizer = None
         self.stop_token_ids: frozenset[int] = frozenset(params.stop_token_ids)
@@ -46,17 +45,14 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[:self.num_prompt_tokens]
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+    def append_tokens(self, tokens: list[int]) -> None:
+        """New output tokens; outputs hand out output_token_ids itself, so it is only ever appended to."""
+        self.token_ids.extend(tokens)
+        self.output_token_ids.extend(tokens)
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.output_token_ids)
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -15,7 +15,7 @@ def run_step(sched: Scheduler):
     for seq, n in batch.items():
         seq.num_computed_tokens += n
         if seq.num_computed_tokens == seq.num_tokens:
-            seq.token_ids.append(7)
+            seq.append_tokens([7])
     return batch
 
 
