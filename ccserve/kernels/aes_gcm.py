@@ -649,6 +649,21 @@ def _fold(u, m_ptr, HALF: tl.constexpr):
     return ((acc >> 7) & 1).to(tl.int8)
 
 
+@triton.jit
+def _load_edge(base, row_start, cols, chunk_len):
+    """A tile that crosses the chunk's ends: zero before byte 0 and from byte chunk_len on.
+
+    The load mask is constant over each 16-byte block, so the loads stay 16 bytes wide; a per-byte mask splits them
+    into 64 single-byte loads per thread, each with its own address, which made the kernel spill on sm_90 (Triton
+    3.6). Reading all of the last, partial block is safe: the chunk's tag follows it on the wire. Its bytes past
+    chunk_len are zeroed after the load.
+    """
+    offs = row_start + cols[None, :]
+    blk = row_start + cols[None, :] // 16 * 16
+    x = tl.load(base + offs, mask=(blk >= 0) & (blk < chunk_len), other=0)
+    return tl.where(offs < chunk_len, x, 0)
+
+
 @triton.jit(do_not_specialize=["nbytes"])
 def _ghash_kernel(wire, w_ptr, mt_ptr, mh_ptr, part_ptr, nbytes, chunk_bytes, wire_stride, mp_blocks, nseg, nwork,
                   R: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr):
@@ -681,10 +696,10 @@ def _ghash_kernel(wire, w_ptr, mt_ptr, mh_ptr, part_ptr, nbytes, chunk_bytes, wi
             if (start >= 0) & (start + TILE * 16 <= chunk_len):
                 x = tl.load(base + offs)  # whole tile inside the chunk: the fast, unmasked path
             else:
-                x = tl.load(base + offs, mask=(offs >= 0) & (offs < chunk_len), other=0)
+                x = _load_edge(base, start + rows[:, None] * RB, cols, chunk_len)
             acc = tl.dot(u, mt)
-            for k in tl.static_range(8):
-                acc = tl.dot((x & (1 << k)).to(tl.int8, bitcast=True), w[k], acc)
+            for k in tl.static_range(8):  # out_dtype: Triton 3.6 defaults it to float32 and rejects an int32 acc
+                acc = tl.dot((x & (1 << k)).to(tl.int8, bitcast=True), w[k], acc, out_dtype=tl.int32)
             u = ((acc >> 7) & 1).to(tl.int8)
         u = _fold(u, mh_ptr, 64)
         u = _fold(u, mh_ptr + 128 * 128, 32)
