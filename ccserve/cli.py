@@ -1,12 +1,17 @@
-"""`ccserve serve | generate | bench`: the command line, a thin layer over EngineConfig and the engine."""
+"""`ccserve serve | generate | bench | audit`: the command line, a thin layer over EngineConfig and the engine.
+
+Every command that runs the engine goes through engine_config(), which applies the privacy policy before
+anything is loaded. `bench` defaults to dummy weights, so it runs under the `open` policy unless told otherwise.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 
-from ccserve.config import EngineConfig
+from ccserve.config import LOG_LEVELS, EngineConfig, ServerOptions
+from ccserve.privacy.policy import enforce
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -24,20 +29,48 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=kind, default=None)
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    model = args.model
-    if model is None:
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """The HTTP server's flags. No argparse defaults: ServerOptions holds them, so that `audit` can tell a
+    flag given from a value its config file sets."""
+    d = ServerOptions()
+    parser.add_argument("--host", default=None, help=f"address to listen on (default {d.host})")
+    parser.add_argument("--port", type=int, default=None, help=f"(default {d.port})")
+    parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--max-queue", type=int, default=None,
+                        help=f"waiting requests before answering 429 (default {d.max_queue})")
+    parser.add_argument("--log-level", default=None, choices=LOG_LEVELS, help=f"(default {d.log_level})")
+
+
+def effective_config(args: argparse.Namespace, base: dict | None = None) -> EngineConfig:
+    """The EngineConfig of the flags given, over `base` (settings from an audit config file), over the
+    defaults; the bundled model when neither names one."""
+    given = dict(base or {})
+    given.update({f.name: getattr(args, f.name) for f in fields(EngineConfig)
+                  if f.name != "extra" and getattr(args, f.name, None) is not None})
+    if "model" not in given:
         from ccserve.models.default import default_model_dir
-        model = str(default_model_dir())
-    given = {f.name: getattr(args, f.name) for f in fields(EngineConfig)
-             if f.name not in ("model", "extra") and getattr(args, f.name, None) is not None}
-    return EngineConfig(model=model, **given)
+        given["model"] = str(default_model_dir())
+    return EngineConfig(**given)
+
+
+def server_options(args: argparse.Namespace, base: dict | None = None) -> ServerOptions:
+    """The server's options: flags given, over `base` (from an audit config file), over the defaults."""
+    given = {f.name: getattr(args, f.name) for f in fields(ServerOptions) if getattr(args, f.name, None) is not None}
+    return ServerOptions(**{**(base or {}), **given})
+
+
+def engine_config(args: argparse.Namespace, server: ServerOptions | None = None) -> EngineConfig:
+    """The config a command runs with, refused here, before anything is loaded, when the privacy policy
+    forbids it (together with the options of the server in front of it, if any)."""
+    config = effective_config(args)
+    enforce(config, server)
+    return config
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     from ccserve.server.api import serve
-    serve(engine_config(args), host=args.host, port=args.port, served_model_name=args.served_model_name,
-          max_queue=args.max_queue, log_level=args.log_level)
+    options = server_options(args)
+    serve(engine_config(args, options), **asdict(options))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -59,9 +92,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
     config = engine_config(args)
     kwargs = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("model", "extra")}
     kwargs = {k: v for k, v in kwargs.items() if getattr(args, k, None) is not None}
-    kwargs.setdefault("load_format", "dummy")
     result = run(config.model, args.workloads, args.out, repeats=args.repeats, **kwargs)
     print(json.dumps(result["results"]))
+
+
+def cmd_audit(args: argparse.Namespace) -> None:
+    from ccserve.privacy.audit import load_config_file, render_json, render_text, report
+    engine, server = load_config_file(args.config) if args.config else ({}, {})
+    result = report(effective_config(args, engine), server_options(args, server))
+    print(render_json(result) if args.json else render_text(result))
+    if not result["ok"]:
+        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,11 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--served-model-name", default=None)
-    serve.add_argument("--max-queue", type=int, default=1024, help="waiting requests before answering 429")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="one-off generation for a prompt")
@@ -87,12 +124,21 @@ def main(argv: list[str] | None = None) -> None:
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
 
-    bench = sub.add_parser("bench", help="offline throughput on named workloads (dummy weights by default)")
+    bench = sub.add_parser("bench", help="offline throughput on named workloads (dummy weights and the open "
+                           "privacy policy by default: pcc refuses dummy weights)")
     add_engine_args(bench)
     bench.add_argument("--workloads", nargs="+", default=["A-mixed", "B-pressure", "C-decode"])
     bench.add_argument("--repeats", type=int, default=1)
     bench.add_argument("--out", default="bench/results", help="directory for the JSON result")
-    bench.set_defaults(func=cmd_bench)
+    bench.set_defaults(func=cmd_bench, load_format="dummy", privacy="open")
+
+    audit = sub.add_parser("audit", help="which enabled optimizations threaten which PCC rule; exit status 1 "
+                           "when the privacy policy refuses the configuration")
+    add_engine_args(audit)
+    add_server_args(audit)
+    audit.add_argument("--config", default=None, help="JSON file of engine and server settings (flags override it)")
+    audit.add_argument("--json", action="store_true", help="print the report as JSON")
+    audit.set_defaults(func=cmd_audit)
 
     args = parser.parse_args(argv)
     try:

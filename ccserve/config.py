@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PRIVACY_POLICIES = ("pcc", "open")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass
@@ -18,6 +20,8 @@ class EngineConfig:
     the GPU), when no waiting request could be admitted; it amortizes the host's per-step work. num_gpu_blocks fixes the KV cache size
     instead of profiling (tests use it to force preemption). dtype "auto" is the checkpoint's dtype on a GPU
     and float32 on the CPU, where bf16 matmuls are slow and tests compare against float32 references.
+    privacy names the policy the settings are judged by (ccserve/privacy/): "pcc" refuses settings that
+    break a Private Cloud Compute rule, "open" allows them and `ccserve audit` reports the threat.
     """
 
     model: str
@@ -35,6 +39,7 @@ class EngineConfig:
     seed: int = 0
     cuda_graph_max_batch: int = 512
     num_decode_steps: int = 8
+    privacy: str = "pcc"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,6 +72,8 @@ class EngineConfig:
             raise ValueError(f"num_decode_steps must be in [1, 64], got {self.num_decode_steps}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
+        if self.privacy not in PRIVACY_POLICIES:
+            raise ValueError(f"privacy must be 'pcc' (the default) or 'open', got {self.privacy!r}")
 
     @property
     def torch_device(self) -> torch.device:
@@ -81,3 +88,24 @@ class EngineConfig:
         if self.torch_device.type == "cpu":
             return torch.float32
         return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+@dataclass
+class ServerOptions:
+    """Settings of the HTTP server in front of an engine (`ccserve serve`). They live here, beside
+    EngineConfig, because the privacy policy judges both: where the server listens and how much it logs
+    matter as much as what the engine keeps."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    max_queue: int = 1024
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_queue < 1:
+            raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")

@@ -1,0 +1,192 @@
+"""The privacy registry: every setting of the engine and the server, and every optimization the PCC deck
+tables, with the rules it threatens, when it is on, what is in force against it and whether `pcc` allows it.
+
+Why one table: the policy, `ccserve audit` and the tests all read it, so a feature is classified once, here,
+and a setting nobody classified fails a test instead of slipping past the policy. The rules are Apple's
+Private Cloud Compute requirements, lettered as in the seed deck. Features ccserve does not have are listed
+too (present=False): the audit shows them as absent, and the issue that builds one flips it here and says
+what must then be in force (its `mitigation` reads "when built: ...").
+"""
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from ccserve.config import EngineConfig, ServerOptions
+
+RULES = {
+    "S": "stateless computation",
+    "E": "enforceable guarantees",
+    "T": "non-targetability",
+    "P": "no privileged runtime access",
+    "V": "verifiable transparency",
+}
+# The only `extra` key the engine reads (engine/llm_engine.py); any other key is a setting nobody classified.
+KNOWN_EXTRA_KEYS = frozenset({"served_model_name"})
+SERVER_SETTINGS = frozenset(f.name for f in fields(ServerOptions))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the policy judges: the engine's config and the server in front of it (None when no server runs:
+    `generate`, `bench`, the library)."""
+
+    config: EngineConfig
+    server: ServerOptions | None = None
+
+    def get(self, name: str) -> object:
+        """A setting by name; a server option reads None when no server runs."""
+        if name in SERVER_SETTINGS:
+            return getattr(self.server, name) if self.server is not None else None
+        return getattr(self.config, name)
+
+
+def _never(settings: Settings) -> bool:
+    return False
+
+
+def _always(settings: Settings) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One thing that touches the rules. `threat` says how it breaks `threatens` when on; `mitigation` is what
+    is in force while it is on ("none" when nothing is); `alternative` is the safe choice where pcc refuses it."""
+
+    name: str
+    threatens: str
+    threat: str
+    mitigation: str
+    fields: tuple[str, ...] = ()
+    enabled: Callable[[Settings], bool] = _never
+    pcc: bool = True
+    alternative: str = ""
+    present: bool = True
+
+
+def _cuda_graphs(s: Settings) -> bool:
+    return not s.config.enforce_eager and s.config.torch_device.type == "cuda"
+
+
+def _unknown_extra(s: Settings) -> bool:
+    return bool(set(s.config.extra) - KNOWN_EXTRA_KEYS)
+
+
+def _debug_logging(s: Settings) -> bool:
+    return s.server is not None and s.server.log_level == "debug"
+
+
+def _off_loopback(s: Settings) -> bool:
+    if s.server is None or s.server.host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(s.server.host).is_loopback
+    except ValueError:  # a host name or a wildcard other than an address: assume it is reachable
+        return True
+
+
+FEATURES: tuple[Feature, ...] = (
+    # ---- in ccserve today ----------------------------------------------------------------------------
+    Feature("paged KV cache", "S",
+            "a finished request's keys and values stay in GPU memory, and a reused block could show them to "
+            "its next owner",
+            "every freed block (finished, aborted, failed, preempted) is zeroed in one batched operation before "
+            "the next forward pass; no block reaches a new owner unscrubbed",
+            fields=("block_size", "num_gpu_blocks", "gpu_memory_utilization"), enabled=_always),
+    Feature("continuous batching scheduler", "T",
+            "a scheduler that orders, admits or preempts by user, content or predicted length lets an attacker "
+            "steer a target's requests",
+            "first come, first served: admission in arrival order, the newest preempted first, no priorities "
+            "and no length prediction; every limit is global, none per request",
+            fields=("max_num_seqs", "max_num_batched_tokens", "num_decode_steps"), enabled=_always),
+    Feature("CUDA graphs for decode", "S",
+            "the graphs' static input buffers hold the last decode batch's token ids and positions between steps",
+            "the buffers are GPU memory only, never copied out, and overwritten by the next decode step",
+            fields=("enforce_eager", "cuda_graph_max_batch"), enabled=_cuda_graphs),
+    Feature("OpenAI HTTP API with /metrics", "SP",
+            "whatever the server logs or exposes leaves the node and could carry request content",
+            "metrics are an allowlist of aggregates with fixed label values; logs pass a record allowlist "
+            "(no third-party text, no tracebacks); no debug, docs or admin routes",
+            fields=("port", "max_queue", "served_model_name"), enabled=lambda s: s.server is not None),
+    Feature("dummy weights", "EV",
+            "the node would serve random weights instead of the model it claims, so no measurement binds the "
+            "model that answers",
+            "none",
+            fields=("load_format",), enabled=lambda s: s.config.load_format == "dummy", pcc=False,
+            alternative="load the real weights (load_format 'auto' or 'safetensors')"),
+    Feature("unclassified extra settings", "E",
+            "a key in `extra` that no registry entry classifies escapes the policy",
+            "none",
+            fields=("extra",), enabled=_unknown_extra, pcc=False,
+            alternative=f"keep extra to {', '.join(sorted(KNOWN_EXTRA_KEYS))}, or classify the new key in "
+                        "ccserve/privacy/registry.py"),
+    Feature("debug logging", "P",
+            "at debug level libraries emit per-request records; their text is withheld, but their count and "
+            "timing still trace single requests for whoever reads the logs",
+            "the log record allowlist (third-party text withheld, no tracebacks, our loggers log aggregates)",
+            fields=("log_level",), enabled=_debug_logging, pcc=False,
+            alternative="--log-level info (lifecycle lines and aggregate statistics only)"),
+    Feature("plaintext HTTP beyond loopback", "E",
+            "prompts and outputs cross the network in cleartext, readable by whatever terminates the "
+            "connection outside the node (the deck's external TLS-terminating load balancer)",
+            "none (the HPKE-encrypted relay and gateway are not built yet)",
+            fields=("host",), enabled=_off_loopback, pcc=False,
+            alternative="--host 127.0.0.1 (the default) behind an encrypting gateway on the same node"),
+    # ---- not in ccserve: what a future implementation must put in force --------------------------------
+    Feature("prefix caching", "SE", "one request's KV outlives it and can be inferred by others sharing the cache",
+            "when built: off under pcc except operator-declared public prefixes; per-tenant with expiry under "
+            "open", present=False),
+    Feature("KV swap to host", "S", "a request's KV leaves the GPU for host memory",
+            "when built: ciphertext under the request's own channel key, destroyed when the request ends",
+            present=False),
+    Feature("disk offload", "SE", "a request's KV lands on storage that outlives the request",
+            "when built: ciphertext under a per-request key that is destroyed at the end (crypto-shredding)",
+            present=False),
+    Feature("weight streaming", "E", "weights cross the GPU boundary at run time, where they could be swapped",
+            "when built: through the authenticated channel, so only the measured weights can run",
+            present=False),
+    Feature("LoRA adapters", "TV", "a per-user adapter is an identity to schedule or route by, and an adapter "
+            "outside the measurement is code nobody verified",
+            "when built: adapters declared in the measured config, scheduled first come first served, moved "
+            "through the encrypted channel", present=False),
+    Feature("speculative decoding", "S", "context- or database-based drafts keep tokens of past requests",
+            "when built: draft state per request only, no cross-request database", present=False),
+    Feature("KV duplication", "ST", "copies of a request's KV outlive it on other nodes and let an attacker "
+            "place a target's state", "when built: refused under pcc", present=False),
+    Feature("KV pulling and request migration", "T", "moving requests or KV between nodes lets a compromised "
+            "node pull in its targets", "when built: refused under pcc", present=False),
+    Feature("priority scheduling", "T", "raising a target's priority steers it onto a compromised path",
+            "first come, first served is the only order", present=False),
+    Feature("request-level length prediction", "T", "a per-request prediction is a per-content decision",
+            "the scheduler sees only token counts already known, never a prediction", present=False),
+    Feature("per-request tracing or metrics", "SP", "a per-request record outlives the request and leaves "
+            "the node", "metrics are aggregates only (server/metrics.py raises on other labels)", present=False),
+    Feature("global profiling", "P", "a profiler reads request data at run time", "when built: refused under pcc",
+            present=False),
+    Feature("debug or admin endpoints", "P", "an endpoint that inspects state is privileged runtime access",
+            "the server routes only the OpenAI endpoints, /health and /metrics", present=False),
+    Feature("machine-level scheduler", "E", "a scheduler outside the attested node decides where data goes",
+            "when built (router, next issue): random node choice in proportion to capacity", present=False),
+    Feature("instance flip", "T", "turning a chosen node into a prefill node steers targets to it",
+            "when built: refused under pcc", present=False),
+    Feature("closed-source components", "V", "code that nobody outside can read cannot be verified",
+            "ccserve is open source, kernels included", present=False),
+)
+
+# Settings that touch no rule, and why: the test of completeness counts them as classified.
+NEUTRAL: dict[str, str] = {
+    "model": "the weights directory, loaded once at start, never per request",
+    "tokenizer": "the tokenizer directory, loaded once at start",
+    "dtype": "numeric precision of the same computation",
+    "device": "which processor of this node computes; data stays on the node",
+    "max_model_len": "a global length limit, the same for every request",
+    "seed": "seeds dummy weights and the default sampler; carries no request data",
+    "privacy": "selects the policy itself",
+}
+
+
+def classified() -> set[str]:
+    """Every setting name the registry accounts for, through a feature or as neutral."""
+    return set(NEUTRAL).union(*(f.fields for f in FEATURES))
