@@ -41,12 +41,16 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=None, choices=LOG_LEVELS, help=f"(default {d.log_level})")
 
 
+def engine_flags_given(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields the command line set (flags left out stay None and take the defaults)."""
+    return {f.name: getattr(args, f.name) for f in fields(EngineConfig)
+            if f.name != "extra" and getattr(args, f.name, None) is not None}
+
+
 def effective_config(args: argparse.Namespace, base: dict | None = None) -> EngineConfig:
     """The EngineConfig of the flags given, over `base` (settings from an audit config file), over the
     defaults; the bundled model when neither names one."""
-    given = dict(base or {})
-    given.update({f.name: getattr(args, f.name) for f in fields(EngineConfig)
-                  if f.name != "extra" and getattr(args, f.name, None) is not None})
+    given = {**(base or {}), **engine_flags_given(args)}
     if "model" not in given:
         from ccserve.models.default import default_model_dir
         given["model"] = str(default_model_dir())
@@ -90,8 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from ccserve.bench.throughput import run
     config = engine_config(args)
-    kwargs = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in ("model", "extra")}
-    kwargs = {k: v for k, v in kwargs.items() if getattr(args, k, None) is not None}
+    kwargs = {k: v for k, v in engine_flags_given(args).items() if k != "model"}
     result = run(config.model, args.workloads, args.out, repeats=args.repeats, **kwargs)
     print(json.dumps(result["results"]))
 

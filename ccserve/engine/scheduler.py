@@ -91,8 +91,7 @@ class Scheduler:
         (A pure-decode batch means schedule() could admit no waiting request this step.)"""
         if batch.prefills:
             return False
-        need = sum(max(0, -(-(s.num_computed_tokens + steps) // self.block_size) - len(s.block_ids))
-                   for s in batch.decodes)
+        need = sum(self._blocks_short(s, s.num_computed_tokens + steps) for s in batch.decodes)
         if need > self.pool.num_free:
             return False
         for seq in batch.decodes:
@@ -113,13 +112,16 @@ class Scheduler:
         """Admit only while a block per running sequence stays free afterwards: without that headroom the
         running sequences outgrow the pool within a few steps and the newcomer is preempted right after its
         prefill (thrashing), and multi-step decode windows cannot reserve their blocks."""
-        need = -(-(seq.num_computed_tokens + n) // self.block_size) - len(seq.block_ids)
-        return self.pool.num_free - need >= len(self.running)
+        return self.pool.num_free - self._blocks_short(seq, seq.num_computed_tokens + n) >= len(self.running)
+
+    def _blocks_short(self, seq: Sequence, num_tokens: int) -> int:
+        """How many more blocks seq needs to hold num_tokens tokens."""
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_ids))
 
     def _grow(self, seq: Sequence, num_tokens: int) -> bool:
         """Give seq enough blocks for num_tokens tokens; False if the pool is short."""
-        need = -(-num_tokens // self.block_size) - len(seq.block_ids)
-        if need <= 0:
+        need = self._blocks_short(seq, num_tokens)
+        if need == 0:
             return True
         if need > self.pool.num_free:
             return False
