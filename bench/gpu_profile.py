@@ -64,6 +64,28 @@ def workload_breakdown(llm: LLM, name: str) -> None:
         last["batch"] = schedule()
         return last["batch"]
     engine.scheduler.schedule = recording_schedule
+    runner, events, starts = engine.runner, [], []
+
+    def after_prepare(fn):
+        """Start the GPU span once the step's inputs are built and enqueued (host preparation excluded)."""
+        def wrapper(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            starts.append(torch.cuda.Event(enable_timing=True))
+            starts[-1].record()
+            return result
+        return wrapper
+
+    def timed(fn):
+        """End the GPU span after the runner call has enqueued all of the step's work."""
+        def wrapper(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            events.append((starts[-1], end))
+            return result
+        return wrapper
+    runner._prepare = after_prepare(runner._prepare)
+    runner.execute, runner.execute_decodes = timed(runner.execute), timed(runner.execute_decodes)
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         t = time.perf_counter()
@@ -76,7 +98,10 @@ def workload_breakdown(llm: LLM, name: str) -> None:
         kinds[kind][1] += dt
         kinds[kind][2] += sum(len(o.new_token_ids) for o in outs)
     total = time.perf_counter() - start
-    print(f"\n{name}: {total:.2f} s")
+    del runner.execute, runner.execute_decodes, runner._prepare
+    gpu = sum(a.elapsed_time(b) for a, b in events) / 1e3
+    print(f"\n{name}: {total:.2f} s wall, {gpu:.2f} s inside runner calls on the GPU, host gaps "
+          f"{total - gpu:.2f} s ({100 * (total - gpu) / total:.1f}%), {len(events)} runner calls")
     for kind, (n, secs, tokens) in sorted(kinds.items()):
         print(f"  {kind:16s} calls {n:5d}  {secs:7.2f} s  {secs / n * 1e3:7.2f} ms/call  {tokens:7d} tokens")
 
