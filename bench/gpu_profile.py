@@ -42,7 +42,7 @@ def phase_times(llm: LLM, steps: int) -> dict[str, float]:
         t4 = time.perf_counter()
         for seq, n in batch.items():
             seq.num_computed_tokens += n
-        engine._apply(inputs.sampling_seqs, sampled)
+        engine._apply(inputs.sampling_seqs, [[t] for t in sampled.token_ids.tolist()], None)
         t5 = time.perf_counter()
         for name, a, b in (("schedule", t0, t1), ("prepare+h2d", t1, t2), ("forward", t2, t3),
                            ("logits+sample", t3, t4), ("apply", t4, t5), ("total", t0, t5)):

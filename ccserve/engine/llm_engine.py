@@ -10,7 +10,7 @@ import torch
 
 from ccserve.config import EngineConfig
 from ccserve.engine.detokenizer import IncrementalDetokenizer
-from ccserve.engine.model_runner import ModelRunner
+from ccserve.engine.model_runner import DecodeWindow, ModelRunner
 from ccserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from ccserve.engine.scheduler import ScheduledBatch, Scheduler
 from ccserve.engine.sequence import Sequence, SequenceStatus
@@ -37,6 +37,7 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self._window: DecodeWindow | None = None     # a decode window enqueued but not yet applied
 
     # ---- requests --------------------------------------------------------------------------------------
 
@@ -89,6 +90,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch (several decode steps when that is safe). Outputs cover every request
         that sampled a token or finished."""
+        if self._window is not None and any(not s.finished for s in self._window.seqs):
+            return self._finish_window(self._window)
+        self._window = None
         batch = self.scheduler.schedule()
         # Blocks freed by preemption inside schedule() may already belong to a new owner: zero them now,
         # before this step writes the new owner's keys and values into them.
@@ -96,19 +100,75 @@ class LLMEngine:
         if batch.empty:
             return []
         steps = self._decode_steps(batch)
+        if steps > 1:
+            try:
+                window = self.runner.execute_decodes(batch.decodes, steps)
+            except Exception:
+                self._fail(batch.decodes)
+                raise
+            return self._finish_window(window)
         try:
-            if steps > 1:
-                seqs, sampled_steps = batch.decodes, self.runner.execute_decodes(batch, steps)
-            else:
-                seqs, sampled = self.runner.execute(batch)
-                sampled_steps = [sampled] if sampled is not None else []
+            seqs, sampled = self.runner.execute(batch)
         except Exception:
-            self._fail(batch)
+            self._fail([seq for seq, _ in batch.items()])
             raise
         for seq, n in batch.items():
             seq.num_computed_tokens += n
-        if sampled_steps:
-            self._apply(seqs, sampled_steps)
+        if sampled is not None:
+            logprobs = [_logprob_rows(sampled, len(seqs))] if sampled.logprobs is not None else None
+            self._apply(seqs, [[t] for t in sampled.token_ids.tolist()], logprobs)
+        return self._outputs(seqs)
+
+    def _finish_window(self, window: DecodeWindow) -> list[RequestOutput]:
+        """Enqueue the window that continues this one (when that is safe) before reading this one, so the
+        GPU computes the next window while the host applies this one's tokens."""
+        self._window = None
+        try:
+            self._window = self._continuation(window)
+        except Exception:
+            self._fail(window.seqs)
+            raise
+        live = [i for i, s in enumerate(window.seqs) if not s.finished]
+        seqs = [window.seqs[i] for i in live]
+        rows = window.token_rows()
+        for seq in seqs:
+            seq.num_computed_tokens += 1          # the window's first input token
+        logprobs = None
+        if window.wants_logprobs:
+            logprobs = [[step[i] for i in live] for step in
+                        (_logprob_rows(out, len(window.seqs)) for out in window.outputs)]
+        self._apply(seqs, [rows[i] for i in live], logprobs)
+        return self._outputs(seqs)
+
+    def _continuation(self, window: DecodeWindow) -> DecodeWindow | None:
+        """The next window of the same sequences, enqueued before this one's tokens are known, or None.
+
+        Only when nothing else could be scheduled instead: no logprobs to read back, every running
+        sequence is in the window (none would starve), and no waiting request could be admitted once this
+        window ends. Rows that stop inside this window compute a few wasted tokens in the next one (never
+        shown); rows certain to reach their length limit inside it are left out. Blocks for both windows
+        are reserved now; without enough free blocks there is no continuation (never a preemption).
+        """
+        steps, scheduler = window.steps, self.scheduler
+        alive = [s for s in window.seqs if not s.finished]
+        if window.wants_logprobs or not alive or len(alive) != len(scheduler.running):
+            return None
+        ending = [s for s in alive if self._room(s) <= steps]
+        if scheduler.waiting and (ending or len(scheduler.running) < self.config.max_num_seqs):
+            return None
+        seqs = [s for s in alive if self._room(s) > steps]
+        # num_computed_tokens is the position of this window's first input until the window is applied.
+        if not seqs or any(s.num_computed_tokens + 2 * steps > self.max_model_len for s in seqs):
+            return None
+        if not scheduler.reserve_decode_steps(seqs, 2 * steps):
+            return None
+        return self.runner.execute_decodes(seqs, steps, after=window)
+
+    def _room(self, seq: Sequence) -> int:
+        """How many more tokens seq may generate (max_tokens, max_model_len)."""
+        return min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens)
+
+    def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
         outputs = [self._output(seq) for seq in seqs if seq.num_sent_tokens < seq.num_output_tokens or seq.finished]
         self.runner.scrub(self.pool.take_blocks_to_scrub())
         return outputs
@@ -121,17 +181,17 @@ class LLMEngine:
         # A sequence that stops inside the window wastes a few rows of a bandwidth-bound step; capping the
         # window at the nearest max_tokens would instead cost every sequence a host round trip.
         steps = min([steps] + [self.max_model_len - s.num_tokens + 1 for s in batch.decodes])
-        if steps < 2 or not self.scheduler.reserve_decode_steps(batch, steps):
+        if steps < 2 or not self.scheduler.reserve_decode_steps(batch.decodes, steps):
             return 1
         return steps
 
-    def _apply(self, seqs: list[Sequence], sampled_steps: list[SamplerOutput]) -> None:
-        """Append each sequence's sampled tokens (one per step) up to its first stop; finish those that stop.
+    def _apply(self, seqs: list[Sequence], rows: list[list[int]],
+               logprobs: list[list[tuple[float, list[tuple[int, float]]] | None]] | None) -> None:
+        """Append each sequence's sampled tokens (rows[i]: one per step) up to its first stop; finish those
+        that stop. logprobs, when asked: per step, per row.
 
-        One device->host copy for all steps. Of the m tokens a sequence accepts from a multi-step window,
-        the first m - 1 were fed back and computed on the device, so they count as computed."""
-        rows = torch.stack([s.token_ids for s in sampled_steps], dim=1).tolist()
-        logprobs = [_logprob_rows(s, len(seqs)) for s in sampled_steps] if sampled_steps[0].logprobs is not None else None
+        Of the m tokens a sequence accepts from a multi-step window, the first m - 1 were fed back and
+        computed on the device, so they count as computed."""
         for b, (seq, row) in enumerate(zip(seqs, rows)):
             if seq.finished:
                 continue
@@ -183,9 +243,9 @@ class LLMEngine:
             new_token_ids=new_ids, new_text=new_text, finished=seq.finished, finish_reason=seq.finish_reason,
             logprobs=seq.logprobs, new_logprobs=new_lps)
 
-    def _fail(self, batch: ScheduledBatch) -> None:
+    def _fail(self, seqs: list[Sequence]) -> None:
         """A failed step ends the requests it carried (and frees their blocks); others keep going."""
-        for seq, _ in batch.items():
+        for seq in seqs:
             if seq.status is not SequenceStatus.FINISHED:
                 self.scheduler.finish(seq, "abort")
                 self.requests.pop(seq.request_id, None)

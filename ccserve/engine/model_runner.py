@@ -20,6 +20,48 @@ GPU_MEMORY_MARGIN_BYTES = 512 << 20
 
 
 @dataclass
+class DecodeWindow:
+    """A multi-step decode window that has been enqueued: its rows, what it sampled (still on the device),
+    the device state a following window continues from, and its tokens on their way to the host.
+
+    The tokens travel by a non-blocking copy into pinned memory, recorded by an event, so that reading them
+    waits for this window only, not for a window enqueued after it.
+    """
+
+    seqs: list[Sequence]
+    outputs: list[SamplerOutput]
+    last_ids: torch.Tensor          # [B] the last step's sampled tokens: the next window's inputs
+    last_positions: torch.Tensor    # [B] the positions of the last step's inputs
+    host_tokens: torch.Tensor       # [B, steps] int64, filled by the copy
+    copied: torch.cuda.Event | None
+
+    @classmethod
+    def start(cls, seqs: list[Sequence], outputs: list[SamplerOutput], last_positions: torch.Tensor) -> DecodeWindow:
+        tokens = torch.stack([o.token_ids for o in outputs], dim=1)
+        if not tokens.is_cuda:
+            return cls(seqs, outputs, outputs[-1].token_ids, last_positions, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(seqs, outputs, outputs[-1].token_ids, last_positions, host, copied)
+
+    @property
+    def steps(self) -> int:
+        return len(self.outputs)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.outputs[0].logprobs is not None
+
+    def token_rows(self) -> list[list[int]]:
+        """Each row's sampled tokens, one per step (waits for this window's copy to land)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host_tokens.tolist()
+
+
+@dataclass
 class StepInputs:
     """Host-built tensors of one step, already on the device."""
 
@@ -74,25 +116,47 @@ class ModelRunner:
         return inputs.sampling_seqs, self.sampler(logits, SamplingBatch.build(params, generators, self.device))
 
     @torch.inference_mode()
-    def execute_decodes(self, batch: ScheduledBatch, steps: int) -> list[SamplerOutput]:
-        """Run `steps` decode steps of a pure-decode batch without returning to the host in between: each
-        step's sampled tokens are the next step's inputs, positions and slots advance on the device. The
-        caller has reserved blocks for all steps; tokens after a stop are discarded by the caller."""
-        inputs = self._prepare(batch)
+    def execute_decodes(self, seqs: list[Sequence], steps: int, after: DecodeWindow | None = None) -> DecodeWindow:
+        """Enqueue `steps` decode steps of `seqs` without returning to the host in between: each step's
+        sampled tokens are the next step's inputs, positions and slots advance on the device. With `after`,
+        the window continues that earlier window on the device (its last tokens are this window's first
+        inputs) before the host has read it, so the host's work on one window overlaps the GPU's next one.
+        The caller has reserved blocks for all steps; tokens after a stop are discarded by the caller."""
+        batch = ScheduledBatch(decodes=seqs)
+        inputs = self._prepare(batch) if after is None else self._continue(seqs, after)
         meta = inputs.meta
-        params = [s.params for s in batch.decodes]
-        sampling = SamplingBatch.build(params, [s.generator for s in batch.decodes], self.device)
-        outputs = []
+        sampling = SamplingBatch.build([s.params for s in seqs], [s.generator for s in seqs], self.device)
+        outputs: list[SamplerOutput] = []
         for step in range(steps):
             if step:
                 positions = inputs.positions + 1
-                slots = meta.decode_block_tables.gather(1, (positions // self.block_size).unsqueeze(1)).squeeze(1)
-                meta = replace(meta, slot_mapping=slots.long() * self.block_size + positions % self.block_size,
+                meta = replace(meta, slot_mapping=self._slots(meta.decode_block_tables, positions),
                                decode_seq_lens=meta.decode_seq_lens + 1)
                 inputs = replace(inputs, input_ids=outputs[-1].token_ids, positions=positions, meta=meta)
             hidden = self._forward(inputs, batch)
             outputs.append(self.sampler(self.model.compute_logits(hidden), sampling))
-        return outputs
+        return DecodeWindow.start(seqs, outputs, inputs.positions)
+
+    def _continue(self, seqs: list[Sequence], after: DecodeWindow) -> StepInputs:
+        """The first step's inputs of a window that follows `after` on the device, for the rows of `seqs`
+        (a subset of after.seqs, in order); block tables come from the host, which has grown them."""
+        row_of = {id(s): i for i, s in enumerate(after.seqs)}
+        rows = _to(np.asarray([row_of[id(s)] for s in seqs], dtype=np.int64), self.device)
+        positions = after.last_positions[rows] + 1
+        tables = _to(_pad_tables([s.block_ids for s in seqs]), self.device)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=self._slots(tables, positions), num_decode_tokens=len(seqs),
+            decode_seq_lens=(positions + 1).to(torch.int32), decode_block_tables=tables,
+            prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
+            prefill_seq_lens=torch.zeros(0, dtype=torch.int32, device=dev),
+            prefill_block_tables=torch.zeros(0, 1, dtype=torch.int32, device=dev))
+        return StepInputs(after.last_ids[rows], positions, meta, torch.arange(len(seqs), device=dev), list(seqs))
+
+    def _slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Cache slot of each row's token at `positions`, looked up on the device."""
+        blocks = tables.gather(1, (positions // self.block_size).unsqueeze(1)).squeeze(1)
+        return blocks.long() * self.block_size + positions % self.block_size
 
     def scrub(self, block_ids: list[int]) -> None:
         """Zero freed blocks in one batched operation (stateless computation)."""

@@ -86,15 +86,13 @@ class Scheduler:
                 batch.prefills.append((seq, n))
         return batch
 
-    def reserve_decode_steps(self, batch: ScheduledBatch, steps: int) -> bool:
-        """Give every decode of a pure-decode batch blocks for `steps` tokens, if that needs no preemption.
-        (A pure-decode batch means schedule() could admit no waiting request this step.)"""
-        if batch.prefills:
-            return False
-        need = sum(self._blocks_short(s, s.num_computed_tokens + steps) for s in batch.decodes)
+    def reserve_decode_steps(self, seqs: list[Sequence], steps: int) -> bool:
+        """Give each decoding sequence blocks for `steps` tokens from its first uncomputed one, if that needs
+        no preemption (multi-step decode windows reserve ahead)."""
+        need = sum(self._blocks_short(s, s.num_computed_tokens + steps) for s in seqs)
         if need > self.pool.num_free:
             return False
-        for seq in batch.decodes:
+        for seq in seqs:
             self._grow(seq, seq.num_computed_tokens + steps)
         return True
 

@@ -176,3 +176,51 @@ def test_multi_step_decode_equals_single_step(model_dirs):
         assert g.token_ids == e.token_ids and g.finish_reason == e.finish_reason
     assert [(lp.token_id, lp.top) for lp in got[0].logprobs] == [(lp.token_id, lp.top) for lp in expected[0].logprobs]
     assert_no_leak(many)
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams],
+               abort_in_flight: str | None = None) -> tuple[dict[str, list[int]], int]:
+    """Drive the engine to the end; returns each request's tokens and how many steps found a window in
+    flight. abort_in_flight names a request to abort the first time one of its windows is in flight."""
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), p, sp)
+    tokens, in_flight = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            tokens[out.request_id] = list(out.token_ids)
+        window = engine._window
+        if window is not None:
+            in_flight += 1
+            if abort_in_flight in engine.requests and engine.requests[abort_in_flight] in window.seqs:
+                engine.abort_request(abort_in_flight)
+    return tokens, in_flight
+
+
+def test_windows_continued_on_the_device_change_nothing(model_dirs):
+    """A decode window enqueued before the host has read the previous one (the host's work overlaps the
+    GPU's) gives the same tokens as single steps: stops and length limits inside the earlier window,
+    max_model_len, seeded sampling, an abort while a window is in flight; every block ends free and zeroed."""
+    path = str(model_dirs["llama"])
+    prompts = prompts_of(5, seed=21)
+    one = LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=64, num_decode_steps=1))
+    free, _ = run_engine(one, prompts[:1], [GREEDY])
+    params = [GREEDY,
+              SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop_token_ids=[free["0"][10]]),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=37, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=11, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)]     # stops at max_model_len
+    one = LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=64, num_decode_steps=1))
+    expected, _ = run_engine(one, prompts, params)
+    many = LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=64, num_decode_steps=4))
+    got, in_flight = run_engine(many, prompts, params)
+    assert in_flight > 0, "no window was ever continued on the device"
+    assert got == expected
+    assert len(got["4"]) == 96 - len(prompts[4])
+    many = LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=64, num_decode_steps=4))
+    got, _ = run_engine(many, prompts, params, abort_in_flight="0")
+    assert len(got["0"]) < len(expected["0"])
+    assert {k: v for k, v in got.items() if k != "0"} == {k: v for k, v in expected.items() if k != "0"}
+    for engine in (one, many):
+        stats = engine.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks
+        assert engine.runner.kv_cache.k.abs().sum() == 0 and engine.runner.kv_cache.v.abs().sum() == 0
