@@ -86,6 +86,9 @@ def workload_breakdown(llm: LLM, name: str) -> None:
         return wrapper
     runner._prepare = after_prepare(runner._prepare)
     runner.execute, runner.execute_decodes = timed(runner.execute), timed(runner.execute_decodes)
+    origin = torch.cuda.Event(enable_timing=True)
+    origin.record()
+    events.append((origin, origin))
     start = time.perf_counter()
     while engine.has_unfinished_requests():
         t = time.perf_counter()
@@ -99,11 +102,22 @@ def workload_breakdown(llm: LLM, name: str) -> None:
         kinds[kind][2] += sum(len(o.new_token_ids) for o in outs)
     total = time.perf_counter() - start
     del runner.execute, runner.execute_decodes, runner._prepare
-    gpu = sum(a.elapsed_time(b) for a, b in events) / 1e3
+    gpu = busy_seconds(events)
     print(f"\n{name}: {total:.2f} s wall, {gpu:.2f} s inside runner calls on the GPU, host gaps "
           f"{total - gpu:.2f} s ({100 * (total - gpu) / total:.1f}%), {len(events)} runner calls")
     for kind, (n, secs, tokens) in sorted(kinds.items()):
         print(f"  {kind:16s} calls {n:5d}  {secs:7.2f} s  {secs / n * 1e3:7.2f} ms/call  {tokens:7d} tokens")
+
+
+def busy_seconds(spans: list) -> float:
+    """Length of the union of GPU spans (windows continued on the device overlap the previous span)."""
+    origin = spans[0][0]
+    intervals = sorted((origin.elapsed_time(a), origin.elapsed_time(b)) for a, b in spans)
+    busy, end = 0.0, float("-inf")
+    for lo, hi in intervals:
+        busy += max(0.0, hi - max(lo, end))
+        end = max(end, hi)
+    return busy / 1e3
 
 
 def main() -> None:
