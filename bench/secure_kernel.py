@@ -38,7 +38,7 @@ def check(dev: torch.device) -> dict:
     ok = g.gcm_decrypt(dk, bad.to(dev), out, nbytes, chunk, lane, counter)
     tamper = ok.tolist() == [1, 0, 1] and not out[chunk:2 * chunk].any()
     result = {"bit_exact_with_openssl": exact, "decrypt_round_trip": roundtrip, "tamper_detected": tamper}
-    print("correctness:", result)
+    print("correctness:", result, flush=True)
     if not all(result.values()):
         raise SystemExit("GPU AES-GCM is not correct on this machine; not timing it")
     return result
@@ -95,7 +95,10 @@ def main() -> None:
     dev = cuda_device()
     result = {"env": environment(), "chunk_bytes": CHUNK, "correctness": check(dev)}
     sizes = [1 << (20 + i) for i in range(11) if (1 << i) <= args.max_mib]
-    result["throughput"] = [throughput(dev, n, args.reps) for n in sizes]
+    result["throughput"] = []
+    for n in sizes:
+        result["throughput"].append(throughput(dev, n, args.reps))
+        print({k: round(v, 1) for k, v in result["throughput"][-1].items()}, flush=True)
     result["breakdown_GBps"] = breakdown(dev, sizes[-1], args.reps)
     if args.variants:
         result["ctr_variants"] = ctr_variants(dev, min(sizes[-1], 256 << 20), args.reps)
