@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ccserve.config import EngineConfig
 from ccserve.engine.detokenizer import IncrementalDetokenizer
 from ccserve.engine.model_runner import DecodeWindow, ModelRunner
@@ -55,11 +53,7 @@ class LLMEngine:
                              "shorten the prompt (it must leave room for at least one output token)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine runs without one (use stop_token_ids)")
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.runner.device)
-            generator.manual_seed(params.seed)
-        seq = Sequence(request_id, token_ids, params, generator)
+        seq = Sequence(request_id, token_ids, params)
         seq.stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         if self.tokenizer is not None and params.detokenize:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)

@@ -111,9 +111,9 @@ class ModelRunner:
         if not inputs.sampling_seqs:
             return [], None
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        params = [s.params for s in inputs.sampling_seqs]
-        generators = [s.generator for s in inputs.sampling_seqs]
-        return inputs.sampling_seqs, self.sampler(logits, SamplingBatch.build(params, generators, self.device))
+        batch_params = SamplingBatch.build([s.params for s in inputs.sampling_seqs], self.device)
+        positions = inputs.positions[inputs.sample_indices]
+        return inputs.sampling_seqs, self.sampler(logits, batch_params, positions)
 
     @torch.inference_mode()
     def execute_decodes(self, seqs: list[Sequence], steps: int, after: DecodeWindow | None = None) -> DecodeWindow:
@@ -125,7 +125,7 @@ class ModelRunner:
         batch = ScheduledBatch(decodes=seqs)
         inputs = self._prepare(batch) if after is None else self._continue(seqs, after)
         meta = inputs.meta
-        sampling = SamplingBatch.build([s.params for s in seqs], [s.generator for s in seqs], self.device)
+        sampling = SamplingBatch.build([s.params for s in seqs], self.device)
         outputs: list[SamplerOutput] = []
         for step in range(steps):
             if step:
@@ -134,7 +134,7 @@ class ModelRunner:
                                decode_seq_lens=meta.decode_seq_lens + 1)
                 inputs = replace(inputs, input_ids=outputs[-1].token_ids, positions=positions, meta=meta)
             hidden = self._forward(inputs, batch)
-            outputs.append(self.sampler(self.model.compute_logits(hidden), sampling))
+            outputs.append(self.sampler(self.model.compute_logits(hidden), sampling, inputs.positions))
         return DecodeWindow.start(seqs, outputs, inputs.positions)
 
     def _continue(self, seqs: list[Sequence], after: DecodeWindow) -> StepInputs:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
-import torch
-
 from ccserve.engine.outputs import TokenLogprob
 from ccserve.sampling_params import SamplingParams
 
@@ -22,15 +20,13 @@ class Sequence:
     one token is uncomputed; preemption by recompute resets num_computed_tokens to 0 and keeps the tokens.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 generator: torch.Generator | None = None) -> None:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
-        self.generator = generator
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ccserve.kernels.sampling import row_keys, sample
 from ccserve.sampling_params import SamplingParams
 
 
@@ -18,8 +19,10 @@ class SamplingBatch:
     """Per-row settings of one step as device tensors, plus host flags that choose the code path.
 
     top_k is 0 where disabled. Greedy rows carry temperature 1 so that dividing all rows is harmless (their
-    token comes from the argmax of the raw logits). max_logprobs is None when no row asks for logprobs,
-    else the largest number of alternatives any row asks for (0: only the sampled token's logprob).
+    token comes from the argmax of the raw logits). seeds: the request's seed where it set one, else a fresh
+    random one per batch (drawn from torch's host generator, which the engine seeds). max_logprobs is None
+    when no row asks for logprobs, else the largest number of alternatives any row asks for (0: only the
+    sampled token's logprob).
     """
 
     temperatures: torch.Tensor
@@ -27,31 +30,30 @@ class SamplingBatch:
     top_p: torch.Tensor
     min_p: torch.Tensor
     greedy: torch.Tensor
-    seeded: list[tuple[int, torch.Generator]]
+    seeds: torch.Tensor
     all_greedy: bool
-    any_greedy: bool
     need_top_k: bool
     need_top_p: bool
     need_min_p: bool
     max_logprobs: int | None
 
     @classmethod
-    def build(cls, params: list[SamplingParams], generators: list[torch.Generator | None],
-              device: torch.device | str) -> SamplingBatch:
-        """One host->device copy: all per-row fields travel packed in a single float32 tensor.
-
-        top_k goes through float32 exactly (vocabularies are far below 2**24 tokens).
-        """
+    def build(cls, params: list[SamplingParams], device: torch.device | str) -> SamplingBatch:
+        """Two host->device copies: the float fields packed in one float32 tensor (top_k goes through float32
+        exactly: vocabularies are far below 2**24 tokens), the seeds in one int64 tensor."""
         sampled = [p for p in params if not p.greedy]
         packed = torch.tensor([[p.temperature if not p.greedy else 1.0 for p in params],
                                [p.top_k for p in params], [p.top_p for p in params],
                                [p.min_p for p in params], [p.greedy for p in params]], dtype=torch.float32)
-        temperatures, top_k, top_p, min_p, greedy = _to_device(packed, torch.device(device))
+        fresh = torch.randint(0, 2 ** 62, (len(params),), dtype=torch.int64)
+        seeds = torch.tensor([p.seed if p.seed is not None else 0 for p in params], dtype=torch.int64)
+        seeds = torch.where(torch.tensor([p.seed is None for p in params], dtype=torch.bool), fresh, seeds)
+        device = torch.device(device)
+        temperatures, top_k, top_p, min_p, greedy = _to_device(packed, device)
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             temperatures=temperatures, top_k=top_k.long(), top_p=top_p, min_p=min_p, greedy=greedy.bool(),
-            seeded=[(i, g) for i, g in enumerate(generators) if g is not None],
-            all_greedy=not sampled, any_greedy=len(sampled) < len(params),
+            seeds=_to_device(seeds, device), all_greedy=not sampled,
             need_top_k=any(p.top_k > 0 for p in sampled), need_top_p=any(p.top_p < 1 for p in sampled),
             need_min_p=any(p.min_p > 0 for p in sampled), max_logprobs=max(asked) if asked else None)
 
@@ -70,32 +72,30 @@ class SamplerOutput:
 class Sampler:
     """Picks one token per row of last-position logits ([B, V] float32); never modifies the logits."""
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        if batch.all_greedy:
-            tokens = logits.argmax(dim=-1)
-        elif batch.any_greedy:
-            tokens = torch.where(batch.greedy, logits.argmax(dim=-1), _sample(logits, batch))
-        else:
-            tokens = _sample(logits, batch)
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, positions: torch.Tensor) -> SamplerOutput:
+        """positions [B]: the position of each row's last input token (keys the row's random draw)."""
+        tokens = logits.argmax(dim=-1) if batch.all_greedy else _sample(logits, batch, positions)
         if batch.max_logprobs is None:
             return SamplerOutput(tokens)
         return SamplerOutput(tokens, *_logprobs(logits, tokens, batch.max_logprobs))
 
 
-def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (unnormalized is fine), with no
-    multinomial and so no host sync; rows with a seed draw E from their own generator."""
+def _sample(logits: torch.Tensor, batch: SamplingBatch, positions: torch.Tensor) -> torch.Tensor:
+    """Gumbel-max in one pass over the logits (kernels/sampling.py); rows with filters are masked first.
+
+    min-p keeps tokens whose probability is at least min_p times the top one's, i.e. x >= max(x) + log(min_p)
+    on the tempered logits: no softmax needed."""
+    keys = row_keys(batch.seeds, positions)
+    if not (batch.need_top_k or batch.need_top_p or batch.need_min_p):
+        return sample(logits, 1.0 / batch.temperatures, keys, batch.greedy)
     x = logits / batch.temperatures.unsqueeze(1)
     if batch.need_top_k or batch.need_top_p:
         x = _top_k_top_p(x, batch.top_k if batch.need_top_k else None, batch.top_p if batch.need_top_p else None)
-    probs = x.softmax(dim=-1)
     if batch.need_min_p:
-        floor = probs.amax(dim=-1, keepdim=True) * batch.min_p.unsqueeze(1)
-        probs.masked_fill_(probs < floor, 0.0)
-    noise = torch.empty_like(probs).exponential_()
-    for row, generator in batch.seeded:
-        noise[row].exponential_(generator=generator)
-    return probs.div_(noise).argmax(dim=-1)
+        floor = x.amax(dim=-1, keepdim=True) + batch.min_p.unsqueeze(1).log()
+        x.masked_fill_(x < floor, float("-inf"))
+    # Greedy rows keep their argmax through every filter: they need no unmasked copy.
+    return sample(x, torch.ones_like(batch.temperatures), keys, batch.greedy)
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:

@@ -7,13 +7,13 @@ from ccserve.sampling_params import SamplingParams
 sampler = Sampler()
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators=None):
-    batch = SamplingBatch.build(params, generators or [None] * len(params), "cpu")
-    return sampler(logits, batch)
+def sample(logits: torch.Tensor, params: list[SamplingParams], positions: torch.Tensor | None = None):
+    batch = SamplingBatch.build(params, "cpu")
+    return sampler(logits, batch, torch.zeros(len(params), dtype=torch.int64) if positions is None else positions)
 
 
 def draws(logits_row: torch.Tensor, params: SamplingParams, n: int, seed: int = 0) -> torch.Tensor:
-    """n independent samples of one row, as one batch of n identical rows (global RNG, fixed seed)."""
+    """n independent samples of one row, as one batch of n identical rows (each row its own random key)."""
     torch.manual_seed(seed)
     return sample(logits_row.expand(n, -1).contiguous(), [params] * n).token_ids
 
@@ -29,7 +29,7 @@ def test_greedy_is_argmax_with_lowest_id_on_ties():
 
 
 def test_all_greedy_batch_skips_the_random_path():
-    batch = SamplingBatch.build([SamplingParams(temperature=0)] * 3, [None] * 3, "cpu")
+    batch = SamplingBatch.build([SamplingParams(temperature=0)] * 3, "cpu")
     assert batch.all_greedy and not (batch.need_top_k or batch.need_top_p or batch.need_min_p)
     assert batch.max_logprobs is None
 
@@ -103,24 +103,27 @@ def test_min_p_drops_tokens_below_the_fraction_of_the_top():
 
 
 def test_seeded_request_is_reproducible_alone_and_in_any_batch():
+    """A seeded row's draw depends on its seed and the position it samples at, never on its neighbours."""
     torch.manual_seed(3)
     row = torch.randn(1000)
     seeded = SamplingParams(temperature=1.3, top_p=0.95, seed=7)
 
     def run(others_before: int, others_after: int, steps: int = 20) -> list[int]:
-        g = torch.Generator().manual_seed(7)
         params = [SamplingParams(top_k=20)] * others_before + [seeded] + [SamplingParams()] * others_after
-        gens = [None] * others_before + [g] + [None] * others_after
         picked = []
-        for _ in range(steps):
+        for step in range(steps):
             logits = torch.randn(len(params), 1000)
             logits[others_before] = row
-            picked.append(sample(logits, params, gens).token_ids[others_before].item())
+            positions = torch.randint(0, 500, (len(params),))
+            positions[others_before] = 100 + step
+            picked.append(sample(logits, params, positions).token_ids[others_before].item())
         return picked
 
     alone = run(0, 0)
     assert run(3, 2) == alone and run(0, 5) == alone and run(6, 0) == alone
     assert len(set(alone)) > 1  # it does sample
+    other_seed = SamplingParams(temperature=1.3, top_p=0.95, seed=8)
+    assert [sample(row[None], [other_seed], torch.tensor([100 + i])).token_ids.item() for i in range(20)] != alone
 
 
 def test_logprobs_are_log_softmax_of_raw_logits():
@@ -146,9 +149,9 @@ def test_mixed_greedy_and_sampled_batch():
     logits = torch.randn(8, 30)
     params = [SamplingParams(temperature=0) if i % 2 == 0 else SamplingParams(temperature=1.0, top_k=2)
               for i in range(8)]
-    batch = SamplingBatch.build(params, [None] * 8, "cpu")
-    assert batch.any_greedy and not batch.all_greedy and batch.need_top_k
-    tokens = sampler(logits, batch).token_ids
+    batch = SamplingBatch.build(params, "cpu")
+    assert not batch.all_greedy and batch.need_top_k
+    tokens = sampler(logits, batch, torch.arange(8)).token_ids
     assert torch.equal(tokens[0::2], logits[0::2].argmax(-1))
     top2 = logits[1::2].topk(2, dim=-1).indices
     assert (top2 == tokens[1::2, None]).any(dim=1).all()
@@ -164,10 +167,11 @@ def test_sampler_leaves_logits_untouched():
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(top_k=4, top_p=0.9, min_p=0.05)])
 def test_sampler_never_reads_tensors_on_the_host(params, monkeypatch):
     """No .item()/.tolist()/bool() on a tensor inside the sampler: such calls would synchronize the GPU."""
-    batch = SamplingBatch.build([params, SamplingParams(temperature=0, logprobs=3)], [None, None], "cpu")
+    batch = SamplingBatch.build([params, SamplingParams(temperature=0, logprobs=3)], "cpu")
     logits = torch.randn(2, 50)
+    positions = torch.tensor([3, 9])
     for name in ("item", "tolist", "__bool__", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host read inside the sampler"))
-    out = sampler(logits, batch)
+    out = sampler(logits, batch, positions)
     monkeypatch.undo()
     assert out.token_ids.shape == (2,)
