@@ -1,4 +1,4 @@
-"""`ccserve serve | generate | bench | audit | release | log | client`: the command line, a thin layer over EngineConfig and the engine.
+"""`ccserve serve | generate | bench | audit | release | log | client | relay | router | issuer`: the command line, a thin layer over EngineConfig and the engine.
 
 Every command that runs the engine goes through engine_config(), which applies the privacy policy before
 anything is loaded. `bench` defaults to dummy weights, so it runs under the `open` policy unless told otherwise.
@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     audit.set_defaults(func=cmd_audit)
 
     from ccserve.attest.commands import add_commands as add_attest_commands
+    from ccserve.router.commands import add_commands as add_router_commands
     add_attest_commands(sub)
+    add_router_commands(sub)
 
     args = parser.parse_args(argv)
     try:
