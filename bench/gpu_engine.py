@@ -2,7 +2,8 @@
 
 Usage (on the GPU machine, repository root): python bench/gpu_engine.py [WORKLOAD[:REPEATS] ...]
 Env: OUT (directory for the JSON), CCSERVE_COMMIT (commit id; the device copy has no .git),
-MAX_NUM_SEQS, MAX_BATCHED, SKIP_CHECK=1.
+MAX_NUM_SEQS, MAX_BATCHED, SKIP_CHECK=1, SKIP_BATCH1=1, AB=1 (each workload also without continued decode
+windows, runs interleaved on the same GPU: an A/B that machine-to-machine spread cannot blur).
 """
 from __future__ import annotations
 
@@ -92,11 +93,15 @@ def main() -> None:
     result["settings"] = dict(kwargs, num_kv_blocks=llm.engine.runner.num_blocks)
     weight_bytes = sum(p.nbytes for p in llm.engine.runner.model.parameters())
     floor_ms = weight_bytes / (result["copy_gbps"] * 1e9) * 1e3
-    ms = batch1_decode(llm)
-    result["batch1_decode_1k"] = dict(ms_per_token=round(ms, 3), hbm_floor_ms=round(floor_ms, 3),
-                                      ratio_to_floor=round(ms / floor_ms, 3), weight_gb=round(weight_bytes / 1e9, 2))
-    print("batch1", result["batch1_decode_1k"], flush=True)
+    if not os.environ.get("SKIP_BATCH1"):
+        ms = batch1_decode(llm)
+        result["batch1_decode_1k"] = dict(ms_per_token=round(ms, 3), hbm_floor_ms=round(floor_ms, 3),
+                                          ratio_to_floor=round(ms / floor_ms, 3),
+                                          weight_gb=round(weight_bytes / 1e9, 2))
+        print("batch1", result["batch1_decode_1k"], flush=True)
     peers = {"A-mixed": 8597, "B-pressure": 9479, "C-decode": 7036}
+    if os.environ.get("AB"):
+        result["ab_continuation"] = ab_continuation(llm, workloads)
     for spec in workloads:
         name, _, repeats = spec.partition(":")
         r = run_workload(llm, name, repeats=int(repeats or os.environ.get("REPEATS", 1)))
@@ -107,12 +112,34 @@ def main() -> None:
     (out_dir / "gpu_engine.json").write_text(json.dumps(result, indent=1))
     print("\n| what | value |\n|---|---|")
     print(f"| copy GB/s | {result['copy_gbps']} |")
-    b = result["batch1_decode_1k"]
-    print(f"| batch-1 decode @1K | {b['ms_per_token']} ms (floor {b['hbm_floor_ms']}, x{b['ratio_to_floor']}) |")
+    if "batch1_decode_1k" in result:
+        b = result["batch1_decode_1k"]
+        print(f"| batch-1 decode @1K | {b['ms_per_token']} ms (floor {b['hbm_floor_ms']}, x{b['ratio_to_floor']}) |")
+    for name, r in result.get("ab_continuation", {}).items():
+        print(f"| {name} A/B | continued windows {r['on']} vs not {r['off']} out tok/s (medians): "
+              f"{100 * (r['on'] / r['off'] - 1):+.1f}% |")
     for name, r in result["results"].items():
         spread = [run["output_tok_s"] for run in r["runs"]]
         print(f"| {name} | {r['output_tok_s']} out tok/s (median of {len(spread)}: {min(spread)}..{max(spread)}), "
               f"x{r['vs_vllm']} vLLM, {r['preemptions']} preemptions |")
+
+
+def ab_continuation(llm: LLM, workloads: list[str]) -> dict:
+    """Output tok/s medians with and without continued decode windows, runs interleaved on one GPU."""
+    engine = llm.engine
+    result = {}
+    for spec in workloads:
+        name, _, repeats = spec.partition(":")
+        runs = {"on": [], "off": []}
+        for _ in range(int(repeats or 1)):
+            for variant in ("on", "off"):
+                if variant == "off":
+                    engine._continuation = lambda window: None
+                runs[variant].append(run_workload(llm, name, repeats=1)["output_tok_s"])
+                engine.__dict__.pop("_continuation", None)
+        result[name] = {v: sorted(r)[len(r) // 2] for v, r in runs.items()} | {"runs": runs}
+        print(name, "A/B", result[name], flush=True)
+    return result
 
 
 if __name__ == "__main__":

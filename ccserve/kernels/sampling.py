@@ -16,10 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ccserve.kernels.decode_attention import num_sms
+
 MASK32 = 0xFFFFFFFF
 GOLDEN32 = 0x9E3779B9
 MUL1, MUL2 = 0x7FEB352D, 0x846CA68B      # Wellons' lowbias32 constants: good avalanche, two multiplies
-TILE = 2048
+TILE = 1024
 
 
 def hash32_ref(x: torch.Tensor) -> torch.Tensor:
@@ -64,45 +66,59 @@ def _hash32(x):
     return x ^ (x >> 16)
 
 
-@triton.jit(do_not_specialize=["vocab", "stride_row"])
-def _sample_kernel(Logits, InvTemperature, Keys, Greedy, Out, vocab, stride_row, TILE: tl.constexpr):
-    """One program per row: a running (max, argmax) over the vocabulary, tile by tile; ties keep the lowest id."""
+@triton.jit(do_not_specialize=["vocab", "stride_row", "span"])
+def _sample_kernel(Logits, InvTemperature, Keys, Greedy, PartValue, PartId, vocab, stride_row, span,
+                   TILE: tl.constexpr):
+    """One program per (row, piece of the vocabulary): each lane keeps its own running (max, id) across the
+    tiles, so the only cross-lane reduction is the last one; ties keep the lowest id."""
     row = tl.program_id(0)
+    piece = tl.program_id(1)
     inv_t = tl.load(InvTemperature + row)
     key_lo = tl.load(Keys + 2 * row).to(tl.uint32)
     key_hi = tl.load(Keys + 2 * row + 1).to(tl.uint32)
     greedy = tl.load(Greedy + row) != 0
     offs = tl.arange(0, TILE)
-    best = tl.max(tl.full([TILE], float("-inf"), tl.float32), 0)
-    best_id = tl.sum(tl.zeros([TILE], tl.int64), 0)
-    for start in range(0, vocab, TILE):
-        cols = start + offs
-        mask = cols < vocab
+    best = tl.full([TILE], float("-inf"), tl.float32)
+    best_id = tl.zeros([TILE], tl.int32)
+    start = piece * span
+    end = tl.minimum(start + span, vocab)
+    for tile in range(start, end, TILE):
+        cols = tile + offs
+        mask = cols < end
         x = tl.load(Logits + row.to(tl.int64) * stride_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         h = _hash32(_hash32(cols.to(tl.uint32) ^ key_lo) ^ key_hi)
         u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
         v = tl.where(greedy, x, x * inv_t - tl.log(-tl.log(u)))
-        v = tl.where(mask, v, float("-inf"))
-        tile_best = tl.max(v, 0)
-        tile_id = tl.argmax(v, 0).to(tl.int64) + start
-        better = tile_best > best
-        best_id = tl.where(better, tile_id, best_id)
-        best = tl.where(better, tile_best, best)
-    tl.store(Out + row, best_id)
+        better = mask & (v > best)
+        best_id = tl.where(better, cols, best_id)
+        best = tl.where(better, v, best)
+    top = tl.max(best, 0)
+    top_id = tl.min(tl.where(best == top, best_id, 2147483647), 0)
+    tl.store(PartValue + row * tl.num_programs(1) + piece, top)
+    tl.store(PartId + row * tl.num_programs(1) + piece, top_id)
 
 
 def sample_triton(logits: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor,
                   greedy: torch.Tensor) -> torch.Tensor:
-    """Same contract as sample_ref; logits [B, V] of any float dtype with unit stride along V."""
+    """Same contract as sample_ref; logits [B, V] of any float dtype with unit stride along V.
+
+    Each row is cut into as many pieces as keep every SM busy (two programs per SM), whole tiles each; the
+    pieces' winners are merged by one argmax over [B, pieces] (the first piece wins ties: lowest id)."""
     batch, vocab = logits.shape
-    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch == 0:
-        return out
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    _sample_kernel[(batch,)](logits, inv_temperature.float().contiguous(), keys.contiguous(),
-                             greedy.to(torch.int32), out, vocab, logits.stride(0), TILE=TILE, num_warps=8)
-    return out
+    tiles = triton.cdiv(vocab, TILE)
+    pieces = max(1, min(tiles, triton.cdiv(2 * num_sms(logits.device), batch)))
+    span = triton.cdiv(tiles, pieces) * TILE
+    pieces = triton.cdiv(vocab, span)
+    values = torch.empty(batch, pieces, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(batch, pieces, dtype=torch.int32, device=logits.device)
+    _sample_kernel[(batch, pieces)](logits, inv_temperature.float().contiguous(), keys.contiguous(),
+                                    greedy.to(torch.int32), values, ids, vocab, logits.stride(0), span,
+                                    TILE=TILE, num_warps=4)
+    return ids.gather(1, values.argmax(dim=1, keepdim=True)).squeeze(1).long()
 
 
 def sample(logits: torch.Tensor, inv_temperature: torch.Tensor, keys: torch.Tensor,
