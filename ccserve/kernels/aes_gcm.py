@@ -664,10 +664,12 @@ def _load_edge(base, row_start, cols, chunk_len):
     return tl.where(offs < chunk_len, x, 0)
 
 
-@triton.jit(do_not_specialize=["nbytes"])
+@triton.jit(do_not_specialize=["nbytes", "mp_blocks", "nseg", "nwork", "seg_tiles"])
 def _ghash_kernel(wire, w_ptr, mt_ptr, mh_ptr, part_ptr, nbytes, chunk_bytes, wire_stride, mp_blocks, nseg, nwork,
-                  R: tl.constexpr, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr):
-    """Partial GHASH of segments (R tiles of ROWS rows x ROW_BLOCKS blocks) of chunks; persistent over segments.
+                  seg_tiles, ROWS: tl.constexpr, ROW_BLOCKS: tl.constexpr):
+    """Partial GHASH of segments (seg_tiles tiles of ROWS rows x ROW_BLOCKS blocks) of chunks; persistent over
+    segments. Every size-dependent integer is a plain runtime argument: one compiled kernel serves every message
+    size of a chunk size (specializing them compiled a new bitsliced kernel, tens of seconds, per size class).
 
     Blocks are indexed right-aligned: virtual block v = real block + (mp_blocks - blocks in chunk), so the zero
     blocks padding a short chunk sit in front, where they do not change the GHASH. Each segment writes 16 partial
@@ -690,8 +692,8 @@ def _ghash_kernel(wire, w_ptr, mt_ptr, mh_ptr, part_ptr, nbytes, chunk_bytes, wi
         pad = mp_blocks - (chunk_len + 15) // 16
         base = wire + chunk.to(tl.int64) * wire_stride
         u = tl.zeros([ROWS, 128], dtype=tl.int8)
-        for t in range(R):
-            start = ((seg * R + t) * TILE - pad) * 16
+        for t in range(seg_tiles):
+            start = ((seg * seg_tiles + t) * TILE - pad) * 16
             offs = start + rows[:, None] * RB + cols[None, :]
             if (start >= 0) & (start + TILE * 16 <= chunk_len):
                 x = tl.load(base + offs)  # whole tile inside the chunk: the fast, unmasked path
@@ -778,7 +780,7 @@ def _tag_word(wire_at, tag, ok, w: tl.constexpr, mask, DECRYPT: tl.constexpr):
     return ok
 
 
-@triton.jit(do_not_specialize=["nbytes", "nchunks", "lane", "counter"])
+@triton.jit(do_not_specialize=["nbytes", "nchunks", "lane", "counter", "mp_blocks", "npart", "seg_blocks"])
 def _finalize_kernel(part_ptr, pow_ptr, wire, ok_ptr, te_ptr, sb_ptr, rk_ptr, nbytes, chunk_bytes, wire_stride,
                      nchunks, lane, counter, mp_blocks, npart, seg_blocks,
                      CPP: tl.constexpr, PB: tl.constexpr, DECRYPT: tl.constexpr, ROWS: tl.constexpr,
@@ -853,7 +855,7 @@ def _ghash(dk: DeviceKey, wire: torch.Tensor, nbytes: int, chunk_bytes: int):
     part = torch.empty(nch * nseg * GH_OUT_ROWS * 4, dtype=torch.uint32, device=wire.device)
     grid = min(nch * nseg, _num_programs(wire.device))
     _ghash_kernel[(grid,)](wire, dk.table("w"), dk.table("mt"), dk.table("mh"), part, nbytes, chunk_bytes,
-                           chunk_bytes + TAG_BYTES, mp, nseg, nch * nseg, R=r, ROWS=GH_ROWS,
+                           chunk_bytes + TAG_BYTES, mp, nseg, nch * nseg, r, ROWS=GH_ROWS,
                            ROW_BLOCKS=GH_ROW_BLOCKS, num_warps=8, num_stages=1)  # 168 KiB smem; more stages overflow
     return part, mp, nseg * GH_OUT_ROWS, seg_blocks
 
@@ -862,7 +864,7 @@ def _finalize(dk: DeviceKey, wire: torch.Tensor, ok: torch.Tensor, ghash, nbytes
               counter: int, decrypt: bool) -> None:
     part, mp, npart, seg_blocks = ghash
     nch = num_chunks(nbytes, chunk_bytes)
-    cpp = min(FIN_CHUNKS, triton.next_power_of_2(nch))
+    cpp = FIN_CHUNKS          # fixed (short messages mask lanes): one compiled kernel for every size
     _finalize_kernel[(triton.cdiv(nch, cpp),)](
         part, dk.powers(mp + 1), wire, ok, dk.table("te"), dk.table("sbox"), dk.table("rk"), nbytes, chunk_bytes,
         chunk_bytes + TAG_BYTES, nch, lane, counter, mp, npart, seg_blocks, CPP=cpp, PB=FIN_ELEMS // cpp,

@@ -153,7 +153,7 @@ def test_zeroize_clears_tables():
 
 
 # Compiles _ghash_kernel as _ghash launches it on CUDA: pointer dtypes of the wire and key tables, 16-aligned pointers
-# and sizes (nbytes is not specialized), num_warps=8, num_stages=1.
+# and chunk sizes (the size-dependent integers are not specialized), num_warps=8, num_stages=1.
 SM90_GHASH = """
 import triton
 from triton.backends.compiler import GPUTarget
@@ -162,9 +162,9 @@ from ccserve.kernels import aes_gcm as g
 
 sig = {"wire": "*u8", "w_ptr": "*i8", "mt_ptr": "*i8", "mh_ptr": "*i8", "part_ptr": "*u32", "nbytes": "i32",
        "chunk_bytes": "i32", "wire_stride": "i32", "mp_blocks": "i32", "nseg": "i32", "nwork": "i32",
-       "R": "constexpr", "ROWS": "constexpr", "ROW_BLOCKS": "constexpr"}
-aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7, 8, 9, 10)}
-src = ASTSource(g._ghash_kernel, sig, {"R": 8, "ROWS": g.GH_ROWS, "ROW_BLOCKS": g.GH_ROW_BLOCKS}, aligned)
+       "seg_tiles": "i32", "ROWS": "constexpr", "ROW_BLOCKS": "constexpr"}
+aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 6, 7)}
+src = ASTSource(g._ghash_kernel, sig, {"ROWS": g.GH_ROWS, "ROW_BLOCKS": g.GH_ROW_BLOCKS}, aligned)
 triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 1})
 """
 
