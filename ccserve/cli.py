@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, fields
+from dataclasses import fields
 
 from ccserve.config import LOG_LEVELS, EngineConfig, ServerOptions
 from ccserve.privacy.policy import enforce
@@ -39,6 +39,15 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=None,
                         help=f"waiting requests before answering 429 (default {d.max_queue})")
     parser.add_argument("--log-level", default=None, choices=LOG_LEVELS, help=f"(default {d.log_level})")
+    parser.add_argument("--attest", action="store_true", default=None,
+                        help="prove what this node runs (GET /attestation) and open sealed requests; under the pcc "
+                        "policy only sealed requests are accepted (docs/attest.md)")
+    parser.add_argument("--router", default=None, help="with --attest: register with the `ccserve router` at this "
+                        "URL (signed reports every 5 s)")
+    parser.add_argument("--capacity", type=int, default=None, help="with --router: the capacity advertised to the "
+                        "router (default: --max-num-seqs)")
+    parser.add_argument("--advertise-url", default=None, help="with --router: the URL the router reaches this node "
+                        "at (default http://HOST:PORT as bound)")
 
 
 def engine_flags_given(args: argparse.Namespace) -> dict:
@@ -74,7 +83,12 @@ def engine_config(args: argparse.Namespace, server: ServerOptions | None = None)
 def cmd_serve(args: argparse.Namespace) -> None:
     from ccserve.server.api import serve
     options = server_options(args)
-    serve(engine_config(args, options), **asdict(options))
+    config = engine_config(args, options)
+    if config.privacy == "pcc":
+        from ccserve.privacy.hardening import harden_process, reexec_with_scrubbing_allocator
+        reexec_with_scrubbing_allocator()
+        harden_process()
+    serve(config, options)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

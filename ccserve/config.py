@@ -94,13 +94,23 @@ class EngineConfig:
 class ServerOptions:
     """Settings of the HTTP server in front of an engine (`ccserve serve`). They live here, beside
     EngineConfig, because the privacy policy judges both: where the server listens and how much it logs
-    matter as much as what the engine keeps."""
+    matter as much as what the engine keeps.
+
+    attest makes the node prove what it runs (GET /attestation, docs/attest.md) and open requests sealed to its
+    in-memory key; under the pcc policy it then accepts only sealed requests on the generation endpoints. router
+    (with attest) registers the node with a `ccserve router` at that URL, advertising `capacity` (default: the
+    engine's max_num_seqs) and reachable at advertise_url (default: http://HOST:PORT as bound).
+    """
 
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None
     max_queue: int = 1024
     log_level: str = "info"
+    attest: bool = False
+    router: str | None = None
+    capacity: int | None = None
+    advertise_url: str | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -109,3 +119,14 @@ class ServerOptions:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.router is not None and not self.attest:
+            raise ValueError("router needs attest: a router admits only nodes that prove what they run "
+                             "(add --attest)")
+        if (self.capacity is not None or self.advertise_url is not None) and self.router is None:
+            raise ValueError("capacity and advertise_url are what the node tells its router: give router too")
+        if self.capacity is not None and self.capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        for name in ("router", "advertise_url"):
+            url = getattr(self, name)
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ValueError(f"{name} must be an http(s) URL, got {url!r}")

@@ -2,7 +2,9 @@
 and the transparency log of releases (docs/attest.md).
 
 Nothing in this package imports server/ or router/: the server mounts `http.attestation_router` and the
-`http.SealedBody` middleware; `ccserve release`, `ccserve log` and `ccserve client` live in `commands.py`.
+`http.SealedBody` middleware; the client SDK and the router both verify with `verify.py` over `logclient.py`;
+`ccserve release`, `ccserve log` and `ccserve client` live in `commands.py`. Nothing here imports torch, so a
+router or a client needs none of the GPU stack.
 """
 from ccserve.attest.errors import (BadSignature, HardwareRequired, InvalidProof, LogForked, LogInconsistent,
                                    LogRolledBack, MalformedEvidence, SealedMessageError, StaleEvidence,

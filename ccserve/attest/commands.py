@@ -40,7 +40,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     serve = log_sub.add_parser("serve", help="serve the log read-only over HTTP")
     serve.add_argument("--dir", required=True)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8100)
+    serve.add_argument("--port", type=int, default=8100, help="(default 8100; 0 picks a free one)")
     serve.set_defaults(func=cmd_log_serve)
     show = log_sub.add_parser("show", help="verify the whole log (signature, every entry hashed) and print it")
     show.add_argument("--dir", required=True)
@@ -105,7 +105,12 @@ def cmd_log_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ccserve.attest.log_http import build_log_app
-    uvicorn.run(build_log_app(args.dir), host=args.host, port=args.port, log_config=None, access_log=False)
+    from ccserve.listen import bind, url_of
+    app = build_log_app(args.dir)
+    sock = bind(args.host, args.port)
+    print(f"ccserve log: listening on {url_of(sock)}", flush=True)  # --port 0 picks a free port: this says which
+    config = uvicorn.Config(app, host=args.host, port=sock.getsockname()[1], log_config=None, access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 def cmd_log_show(args: argparse.Namespace) -> None:

@@ -1,39 +1,51 @@
-"""The sealed envelope: a request HPKE-encrypted to one attested node's key, and its response, streamed in
+"""The sealed envelope: a request any one of several attested nodes can open, and its response, streamed in
 chunks that cannot be reordered, dropped, altered or cut short without the client noticing.
 
+Why several recipients: behind a router the client does not choose its node (the router draws one at random
+after the client has sealed, docs/router.md), so the body must open on whichever attested node is drawn. The
+client draws a random content key, wraps it with HPKE to each node's key, and seals the body once under it.
+
 This is the *inner* layer, end to end between the client and the node; Oblivious HTTP (RFC 9458) is an outer
-layer between the client and the gateway, and carries this envelope as an opaque body. It mirrors RFC 9458
-sections 4.3-4.4 (and the chunked-OHTTP draft's response framing) so that both layers read alike.
+layer between the client and the gateway, and carries this envelope as an opaque body. Its response framing is
+the chunked-OHTTP draft's, so both layers read alike.
 
 Suite: DHKEM(X25519, HKDF-SHA256) = 0x0020, HKDF-SHA256 = 0x0001, AES-128-GCM = 0x0001 (RFC 9180), base mode.
 
-Request (media type message/ccserve-sealed-request):
+Request (media type message/ccserve-sealed-request), version 2:
 
-    hdr     = version (1 byte, 0x01) || key_id (8) || kem_id (2) || kdf_id (2) || aead_id (2)
-    key_id  = SHA-256(node HPKE public key)[:8]   (lets a gateway route the envelope without opening it)
-    info    = "message/ccserve-sealed-request" || 0x00 || hdr
-    enc, ctx = SetupBaseS(pkR, info)
-    request = hdr || enc (32) || ctx.Seal(aad="", body)
+    hdr         = version (1 byte, 0x02) || kem_id (2) || kdf_id (2) || aead_id (2) || n (2, big-endian, 1..1024)
+    recipient_i = key_id_i (8) || enc_i (32) || wrapped_i (32)
+    key_id_i    = SHA-256(node i's HPKE public key)[:8]
+    wrapped_i   = HPKE-Seal(pk_i, info = "message/ccserve-sealed-request" || 0x00 || hdr || key_id_i, aad = "",
+                            content_key)                     (content_key: 16 random bytes, one per request)
+    prk         = HKDF-Extract(salt = "", content_key)
+    ct          = AES-128-GCM(HKDF-Expand(prk, "request key", 16)).Encrypt(nonce = HKDF-Expand(prk, "request nonce",
+                  12), body, aad = hdr || recipient_1 || ... || recipient_n)
+    request     = hdr || recipient_1 || ... || recipient_n || ct
+
+The body's AAD covers every recipient entry, so none can be added, removed or swapped without the body failing to
+open. A node opens the entry that names its key id and learns nothing about the others but their key ids.
 
 Response (media type message/ccserve-sealed-response):
 
-    secret   = ctx.Export("message/ccserve-sealed-response", 16)
     nonce_r  = 16 random bytes chosen by the node
-    prk      = HKDF-Extract(salt = enc || nonce_r, secret)
-    key      = HKDF-Expand(prk, "key", 16);  iv = HKDF-Expand(prk, "nonce", 12)
+    prk_r    = HKDF-Extract(salt = nonce_r, content_key)
+    key      = HKDF-Expand(prk_r, "response key", 16);  iv = HKDF-Expand(prk_r, "response nonce", 12)
     response = nonce_r || frame_0 || frame_1 || ... || frame_final
     frame_i  = flag (1 byte: 0x00 more, 0x01 final) || length (4, big-endian) || ct_i
     ct_i     = AES-128-GCM(key).Encrypt(nonce = iv XOR i (96-bit big-endian counter), chunk_i, aad = flag || length)
 
 The counter in the nonce makes a reordered or dropped frame fail to decrypt; the authenticated final flag makes a
-stream cut short detectable (no final frame) and a stream with frames after the final one refused. The node
-chooses nonce_r, so a replayed request (same enc) still gets fresh response keys.
+stream cut short detectable (no final frame) and a stream with frames after the final one refused. The content key
+is fresh per request, so a response cannot be passed off as another request's; the node chooses nonce_r, so a
+replayed request still gets fresh response keys.
 """
 from __future__ import annotations
 
 import hashlib
 import secrets
 import struct
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -46,62 +58,115 @@ from ccserve.attest.errors import SealedMessageError
 
 REQUEST_MEDIA_TYPE = "message/ccserve-sealed-request"
 RESPONSE_MEDIA_TYPE = "message/ccserve-sealed-response"
-VERSION = 0x01
+VERSION = 0x02
 KEM_ID, KDF_ID, AEAD_ID = KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, AEADId.AES128_GCM
 SUITE = CipherSuite.new(KEM_ID, KDF_ID, AEAD_ID)
-N_ENC, N_K, N_N = 32, 16, 12
-HDR_LEN = 1 + 8 + 6
+N_ENC, N_K, N_N, N_TAG = 32, 16, 12, 16
+KEY_ID_LEN = 8
+HDR = struct.Struct(">BHHHH")
+RECIPIENT_LEN = KEY_ID_LEN + N_ENC + N_K + N_TAG
+MAX_RECIPIENTS = 1024
+RESPONSE_NONCE_LEN = max(N_N, N_K)
 FRAME_HEAD = struct.Struct(">BI")
 MORE, FINAL = 0x00, 0x01
 
 
 def key_id(public_key: bytes) -> bytes:
-    return hashlib.sha256(public_key).digest()[:8]
+    return hashlib.sha256(public_key).digest()[:KEY_ID_LEN]
 
 
-def _hdr(public_key: bytes) -> bytes:
-    return bytes([VERSION]) + key_id(public_key) + struct.pack(">HHH", KEM_ID.value, KDF_ID.value, AEAD_ID.value)
+def _hdr(count: int) -> bytes:
+    return HDR.pack(VERSION, KEM_ID.value, KDF_ID.value, AEAD_ID.value, count)
 
 
-def _info(hdr: bytes) -> bytes:
-    return REQUEST_MEDIA_TYPE.encode() + b"\x00" + hdr
+def _wrap_info(hdr: bytes, kid: bytes) -> bytes:
+    return REQUEST_MEDIA_TYPE.encode() + b"\x00" + hdr + kid
 
 
-def seal_request(node_public_key: bytes, body: bytes) -> tuple[bytes, ResponseOpener]:
-    """Client side: the sealed request for the node whose raw X25519 public key is given, and the opener that
-    will decrypt its response (it holds the only copy of the response secret)."""
-    hdr = _hdr(node_public_key)
-    pk = SUITE.kem.deserialize_public_key(node_public_key)
-    enc, ctx = SUITE.create_sender_context(pk, info=_info(hdr))
-    ct = ctx.seal(body, aad=b"")
-    return hdr + enc + ct, ResponseOpener(ctx.export(RESPONSE_MEDIA_TYPE.encode(), N_K), enc)
+def _expand(prk: bytes, label: bytes, length: int) -> bytes:
+    return HKDFExpand(hashes.SHA256(), length, label).derive(prk)
+
+
+def _body_cipher(content_key: bytes) -> tuple[AESGCM, bytes]:
+    prk = HKDF.extract(hashes.SHA256(), b"", content_key)
+    return AESGCM(_expand(prk, b"request key", N_K)), _expand(prk, b"request nonce", N_N)
+
+
+def seal_request(node_public_keys: Sequence[bytes], body: bytes) -> tuple[bytes, ResponseOpener]:
+    """Client side: the sealed request that any node holding one of `node_public_keys` (raw X25519, each attested)
+    can open, and the opener of its response (it holds the content key, which never leaves the client but
+    wrapped to those keys)."""
+    keys = list(dict.fromkeys(node_public_keys))  # each key once, in the caller's order
+    if not 1 <= len(keys) <= MAX_RECIPIENTS:
+        raise ValueError(f"a sealed request needs 1 to {MAX_RECIPIENTS} recipient keys, got {len(keys)}")
+    content_key = secrets.token_bytes(N_K)
+    hdr = _hdr(len(keys))
+    entries = [_wrap(pk, hdr, content_key) for pk in keys]
+    aead, nonce = _body_cipher(content_key)
+    head = hdr + b"".join(entries)
+    return head + aead.encrypt(nonce, body, head), ResponseOpener(content_key)
+
+
+def _wrap(public_key: bytes, hdr: bytes, content_key: bytes) -> bytes:
+    kid = key_id(public_key)
+    enc, ctx = SUITE.create_sender_context(SUITE.kem.deserialize_public_key(public_key), info=_wrap_info(hdr, kid))
+    return kid + enc + ctx.seal(content_key, aad=b"")
 
 
 def open_request(private_key: X25519PrivateKey, request: bytes) -> tuple[bytes, ResponseSealer]:
-    """Node side: the request body, and the sealer for its response. SealedMessageError when the envelope is
-    for another key, another suite or version, or was altered."""
+    """Node side: the request body, and the sealer for its response. SealedMessageError when the envelope names
+    no key of this node, is of another suite or version, or was altered."""
+    count = _parse_hdr(request)
+    head_len = HDR.size + count * RECIPIENT_LEN
+    if len(request) < head_len + N_TAG:
+        raise SealedMessageError("the sealed request is too short for its recipient list and a tag")
+    head, ct = request[:head_len], request[head_len:]
     public = KEMKey.from_pyca_cryptography_key(private_key.public_key()).to_public_bytes()
-    if len(request) < HDR_LEN + N_ENC + 16:
-        raise SealedMessageError("the sealed request is too short to hold a header, an encapsulated key and a tag")
-    hdr, enc, ct = request[:HDR_LEN], request[HDR_LEN:HDR_LEN + N_ENC], request[HDR_LEN + N_ENC:]
-    if hdr[0] != VERSION or hdr[9:] != _hdr(public)[9:]:
-        raise SealedMessageError(f"the sealed request is not version {VERSION} with X25519/HKDF-SHA256/AES-128-GCM")
-    if hdr[1:9] != key_id(public):
-        raise SealedMessageError("the sealed request is addressed to another node key: fetch this node's evidence "
-                                 "again and seal to the key it attests")
+    content_key = _unwrap(private_key, head, key_id(public), count)
+    aead, nonce = _body_cipher(content_key)
     try:
-        ctx = SUITE.create_recipient_context(enc, KEMKey.from_pyca_cryptography_key(private_key), info=_info(hdr))
-        body = ctx.open(ct, aad=b"")
-    except PyHPKEError:
+        body = aead.decrypt(nonce, ct, head)
+    except InvalidTag:
         raise SealedMessageError("the sealed request does not decrypt: it was altered in transit") from None
-    return body, ResponseSealer(ctx.export(RESPONSE_MEDIA_TYPE.encode(), N_K), enc)
+    return body, ResponseSealer(content_key)
 
 
-def _response_keys(secret: bytes, enc: bytes, response_nonce: bytes) -> tuple[AESGCM, bytes]:
-    prk = HKDF.extract(hashes.SHA256(), enc + response_nonce, secret)
-    key = HKDFExpand(hashes.SHA256(), N_K, b"key").derive(prk)
-    iv = HKDFExpand(hashes.SHA256(), N_N, b"nonce").derive(prk)
-    return AESGCM(key), iv
+def _parse_hdr(request: bytes) -> int:
+    if len(request) < HDR.size:
+        raise SealedMessageError("the sealed request is too short to hold a header")
+    version, kem, kdf, aead, count = HDR.unpack_from(request)
+    if version != VERSION:
+        raise SealedMessageError(f"the sealed request is envelope version {version}, this node opens version "
+                                 f"{VERSION}: update the ccserve client")
+    if (kem, kdf, aead) != (KEM_ID.value, KDF_ID.value, AEAD_ID.value):
+        raise SealedMessageError("the sealed request is not X25519 / HKDF-SHA256 / AES-128-GCM")
+    if not 1 <= count <= MAX_RECIPIENTS:
+        raise SealedMessageError(f"the sealed request names {count} recipients; 1 to {MAX_RECIPIENTS} are allowed")
+    return count
+
+
+def _unwrap(private_key: X25519PrivateKey, head: bytes, kid: bytes, count: int) -> bytes:
+    """The content key from the recipient entry that names `kid`."""
+    hdr = head[:HDR.size]
+    recipient = KEMKey.from_pyca_cryptography_key(private_key)
+    for i in range(count):
+        entry = head[HDR.size + i * RECIPIENT_LEN:HDR.size + (i + 1) * RECIPIENT_LEN]
+        if entry[:KEY_ID_LEN] != kid:
+            continue
+        enc, wrapped = entry[KEY_ID_LEN:KEY_ID_LEN + N_ENC], entry[KEY_ID_LEN + N_ENC:]
+        try:
+            ctx = SUITE.create_recipient_context(enc, recipient, info=_wrap_info(hdr, kid))
+            return ctx.open(wrapped, aad=b"")
+        except PyHPKEError:
+            raise SealedMessageError("the sealed request's key entry for this node does not decrypt: it was "
+                                     "altered in transit") from None
+    raise SealedMessageError("the sealed request is addressed to other node keys: fetch the nodes' evidence again "
+                             "and seal to the keys they attest")
+
+
+def _response_keys(content_key: bytes, response_nonce: bytes) -> tuple[AESGCM, bytes]:
+    prk = HKDF.extract(hashes.SHA256(), response_nonce, content_key)
+    return AESGCM(_expand(prk, b"response key", N_K)), _expand(prk, b"response nonce", N_N)
 
 
 def _nonce(iv: bytes, counter: int) -> bytes:
@@ -112,9 +177,9 @@ class ResponseSealer:
     """Node side: seals response chunks in order; the last one through `final`. Picks its own nonces (a recipe:
     callers never see an IV)."""
 
-    def __init__(self, secret: bytes, enc: bytes) -> None:
-        self._response_nonce = secrets.token_bytes(max(N_N, N_K))
-        self._aead, self._iv = _response_keys(secret, enc, self._response_nonce)
+    def __init__(self, content_key: bytes) -> None:
+        self._response_nonce = secrets.token_bytes(RESPONSE_NONCE_LEN)
+        self._aead, self._iv = _response_keys(content_key, self._response_nonce)
         self._counter = 0
         self._started = False
         self._done = False
@@ -130,7 +195,7 @@ class ResponseSealer:
     def _frame(self, chunk: bytes, flag: int) -> bytes:
         if self._done:
             raise RuntimeError("the response was already finalized")
-        head = FRAME_HEAD.pack(flag, len(chunk) + 16)
+        head = FRAME_HEAD.pack(flag, len(chunk) + N_TAG)
         ct = self._aead.encrypt(_nonce(self._iv, self._counter), chunk, head)
         self._counter += 1
         self._done = flag == FINAL
@@ -143,8 +208,8 @@ class ResponseOpener:
     """Client side: feed the response bytes as they arrive, get the plaintext chunks; `finish` at end of stream
     raises unless the final chunk arrived. Every failure is a SealedMessageError."""
 
-    def __init__(self, secret: bytes, enc: bytes) -> None:
-        self._secret, self._enc = secret, enc
+    def __init__(self, content_key: bytes) -> None:
+        self._content_key = content_key
         self._aead: AESGCM | None = None
         self._iv = b""
         self._buf = bytearray()
@@ -157,18 +222,17 @@ class ResponseOpener:
 
     def feed(self, data: bytes) -> list[bytes]:
         self._buf += data
-        chunks = []
+        chunks: list[bytes] = []
         if self._aead is None:
-            if len(self._buf) < max(N_N, N_K):
+            if len(self._buf) < RESPONSE_NONCE_LEN:
                 return chunks
-            nonce_len = max(N_N, N_K)
-            self._aead, self._iv = _response_keys(self._secret, self._enc, bytes(self._buf[:nonce_len]))
-            del self._buf[:nonce_len]
+            self._aead, self._iv = _response_keys(self._content_key, bytes(self._buf[:RESPONSE_NONCE_LEN]))
+            del self._buf[:RESPONSE_NONCE_LEN]
         while len(self._buf) >= FRAME_HEAD.size:
             if self._done:
                 raise SealedMessageError("the sealed response has data after its final chunk")
             flag, length = FRAME_HEAD.unpack_from(self._buf)
-            if flag not in (MORE, FINAL) or length < 16:
+            if flag not in (MORE, FINAL) or length < N_TAG:
                 raise SealedMessageError("the sealed response has a malformed frame header")
             if len(self._buf) < FRAME_HEAD.size + length:
                 break

@@ -14,6 +14,7 @@ import json
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ccserve.attest.envelope import REQUEST_MEDIA_TYPE, RESPONSE_MEDIA_TYPE, ResponseSealer
@@ -52,11 +53,16 @@ class SealedBody:
         if content_type != REQUEST_MEDIA_TYPE:
             if self.require_sealed and scope["path"] in self.sealed_paths:
                 return await _plain_error(send, 415, f"this node accepts only {REQUEST_MEDIA_TYPE} bodies on "
-                                          f"{scope['path']}: encrypt the request with the ccserve client SDK")
+                                          f"{scope['path']}: encrypt the request with the ccserve client SDK",
+                                          "sealed_request_required")
             return await self.app(scope, receive, send)
-        sealed = await _read_body(receive, self.max_bytes)
+        try:
+            sealed = await _read_body(receive, self.max_bytes)
+        except HTTPException as exc:  # an outer body limit (the server's) refused it while it was being read
+            return await _plain_error(send, exc.status_code, str(exc.detail), "request_too_large")
         if sealed is None:
-            return await _plain_error(send, 413, f"the sealed request exceeds {self.max_bytes} bytes")
+            return await _plain_error(send, 413, f"the sealed request exceeds {self.max_bytes} bytes",
+                                      "request_too_large")
         try:
             body, sealer = self.identity.open_request(sealed)
         except SealedMessageError as exc:
@@ -116,9 +122,11 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _plain_error(send: Send, status: int, message: str) -> None:
+async def _plain_error(send: Send, status: int, message: str, code: str = "sealed_request") -> None:
+    """An error before the request was opened (so it cannot be sealed). Code `sealed_request` means: it does not
+    open here (another key, altered); the client verifies again and resends."""
     body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                 "code": "sealed_request"}}).encode()
+                                 "code": code}}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -1,4 +1,5 @@
-"""Reading the transparency log over HTTP, trusting nothing it says until a signature or a proof checks it."""
+"""Reading the transparency log over HTTP, trusting nothing it says until a signature or a proof checks it (the
+client SDK and the router both read it this way)."""
 from __future__ import annotations
 
 import httpx

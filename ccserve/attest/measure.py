@@ -18,6 +18,7 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -25,11 +26,14 @@ import ccserve
 from ccserve.attest import merkle
 from ccserve.attest.encoding import canonical_json
 from ccserve.attest.errors import MalformedEvidence
-from ccserve.config import EngineConfig, ServerOptions
+
+if TYPE_CHECKING:  # config imports torch; verifiers (the router, clients) need none of it
+    from ccserve.config import EngineConfig, ServerOptions
 
 FORMAT = "ccserve-measurement/v1"
 _CHUNK = 8 * 2**20
-_LOCAL_FIELDS = ("model", "tokenizer", "port")  # where this machine keeps things, not what it runs
+# Where this machine keeps things and how it joins a deployment, not what it runs (one release, many nodes).
+_LOCAL_FIELDS = ("model", "tokenizer", "port", "router", "capacity", "advertise_url")
 
 
 @dataclass(frozen=True)

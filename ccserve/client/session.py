@@ -1,5 +1,5 @@
-"""An OpenAI-style client that verifies the node before it sends anything and seals every request to the node's
-attested key:
+"""An OpenAI-style client for one node it talks to directly: it verifies the node before it sends anything and
+seals every request to the node's attested key:
 
     client = SecureClient("http://node:8000", log_url="http://log:8100", log_key="log.example/ccserve+...",
                           state_dir="~/.ccserve-client")
@@ -7,10 +7,10 @@ attested key:
     for event in client.chat.completions.create(model="m", messages=[...], stream=True):
         print(event["choices"][0]["delta"].get("content", ""), end="")
 
-Replies are the server's JSON as dicts (stream events too). Whoever carries the bytes (a relay, a gateway, the
-node's operator) sees only ciphertext, in both directions; a chunk altered, reordered, dropped or cut off raises
-SealedMessageError. If the node restarted (new keys), the first request is refused unopened; the client verifies
-the node again and resends once.
+Whoever carries the bytes (a proxy, the node's operator) sees only ciphertext, in both directions; a chunk
+altered, reordered, dropped or cut off raises SealedMessageError. If the node restarted (new keys), the first
+request is refused unopened; the client verifies the node again and resends once. Behind a router, where the
+node is drawn after sealing, use relayed.RelayedClient instead.
 """
 from __future__ import annotations
 
@@ -23,22 +23,15 @@ import httpx
 from ccserve.attest.envelope import REQUEST_MEDIA_TYPE, RESPONSE_MEDIA_TYPE, ResponseOpener, seal_request
 from ccserve.attest.errors import SealedMessageError
 from ccserve.attest.hardware import HardwareVerifier
+from ccserve.client.openai_api import OpenAIStyle
 from ccserve.client.verify import DEFAULT_MAX_AGE, VerifiedNode, verify_node
 
 
-class APIError(Exception):
-    """The node opened the request and answered with an HTTP error (inside the sealed response)."""
-
-    def __init__(self, status: int, body: object) -> None:
-        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
-        super().__init__(f"{status}: {message or body}")
-        self.status, self.body = status, body
-
-
-class SecureClient:
+class SecureClient(OpenAIStyle):
     def __init__(self, base_url: str, *, log_url: str, log_key: str, state_dir: str | Path,
                  require_hardware: bool = False, hardware_verifiers: dict[str, HardwareVerifier] | None = None,
                  max_age: float = DEFAULT_MAX_AGE, timeout: float = 120, http: httpx.Client | None = None) -> None:
+        super().__init__()
         self.base_url = base_url.rstrip("/")
         self._verify_args = dict(log_url=log_url, log_key=log_key, state_dir=str(Path(state_dir).expanduser()),
                                  require_hardware=require_hardware, hardware_verifiers=hardware_verifiers,
@@ -46,8 +39,6 @@ class SecureClient:
         self._own_http = http is None
         self.http = http or httpx.Client(timeout=timeout)
         self._node: VerifiedNode | None = None
-        self.chat = _Chat(self)
-        self.completions = _Endpoint(self, "/v1/completions")
 
     def verify(self) -> VerifiedNode:
         """Verify the node now (evidence, log, consistency); every request needs a verified node."""
@@ -58,37 +49,9 @@ class SecureClient:
     def node(self) -> VerifiedNode:
         return self._node or self.verify()
 
-    def post(self, path: str, body: dict) -> dict:
-        """One sealed JSON request; the node's JSON reply. APIError for an HTTP error from the node."""
-        status, content_type, chunks = self._send(path, body, stream=False)
-        data = b"".join(chunks)
-        payload = json.loads(data) if data else None
-        if status >= 400:
-            raise APIError(status, payload)
-        return payload
-
-    def stream(self, path: str, body: dict) -> Iterator[dict]:
-        """A sealed streaming request: the server-sent events' JSON objects as their chunks arrive."""
-        status, content_type, chunks = self._send(path, {**body, "stream": True}, stream=True)
-        if status >= 400:
-            raise APIError(status, json.loads(b"".join(chunks) or b"null"))
-        buf = b""
-        for chunk in chunks:
-            buf += chunk
-            while b"\n\n" in buf:
-                event, buf = buf.split(b"\n\n", 1)
-                for line in event.splitlines():
-                    if line.startswith(b"data:"):
-                        data = line[5:].strip()
-                        if data == b"[DONE]":
-                            for _ in chunks:  # read to the sealed end, so a cut stream is caught even here
-                                pass
-                            return
-                        yield json.loads(data)
-
     def _send(self, path: str, body: dict, stream: bool) -> tuple[int, str, Iterator[bytes]]:
         for attempt in (0, 1):
-            sealed, opener = seal_request(self.node.hpke_public_key, json.dumps(body).encode())
+            sealed, opener = seal_request([self.node.hpke_public_key], json.dumps(body).encode())
             request = self.http.build_request("POST", self.base_url + path, content=sealed,
                                               headers={"content-type": REQUEST_MEDIA_TYPE})
             response = self.http.send(request, stream=True)
@@ -139,19 +102,3 @@ def _opened(response: httpx.Response, opener: ResponseOpener) -> Iterator[bytes]
         opener.finish()
     finally:
         response.close()
-
-
-class _Endpoint:
-    def __init__(self, client: SecureClient, path: str) -> None:
-        self._client, self._path = client, path
-
-    def create(self, stream: bool = False, **body: object) -> dict | Iterator[dict]:
-        """Like openai's `create`: a dict, or an iterator of event dicts with stream=True."""
-        if stream:
-            return self._client.stream(self._path, body)
-        return self._client.post(self._path, body)
-
-
-class _Chat:
-    def __init__(self, client: SecureClient) -> None:
-        self.completions = _Endpoint(client, "/v1/chat/completions")

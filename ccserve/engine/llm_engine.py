@@ -68,6 +68,7 @@ class LLMEngine:
             return
         self.scheduler.finish(seq, "abort")
         self.runner.scrub(self.pool.take_blocks_to_scrub())
+        self._drop_finished_window()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -84,9 +85,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch (several decode steps when that is safe). Outputs cover every request
         that sampled a token or finished."""
-        if self._window is not None and any(not s.finished for s in self._window.seqs):
+        if self._window is not None:
             return self._finish_window(self._window)
-        self._window = None
         batch = self.scheduler.schedule()
         # Blocks freed by preemption inside schedule() may already belong to a new owner: zero them now,
         # before this step writes the new owner's keys and values into them.
@@ -132,7 +132,14 @@ class LLMEngine:
             logprobs = [[step[i] for i in live] for step in
                         (_logprob_rows(out, len(window.seqs)) for out in window.outputs)]
         self._apply(seqs, [rows[i] for i in live], logprobs)
+        self._drop_finished_window()
         return self._outputs(seqs)
+
+    def _drop_finished_window(self) -> None:
+        """Forget an enqueued window all of whose rows have finished: nobody will step it, and it must not keep
+        their sequences (and so their tokens) alive in host memory. Its GPU work completes unread."""
+        if self._window is not None and all(s.finished for s in self._window.seqs):
+            self._window = None
 
     def _continuation(self, window: DecodeWindow) -> DecodeWindow | None:
         """The next window of the same sequences, enqueued before this one's tokens are known, or None.

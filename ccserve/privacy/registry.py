@@ -78,8 +78,13 @@ def _debug_logging(s: Settings) -> bool:
     return s.server is not None and s.server.log_level == "debug"
 
 
+def _sealed_only(s: Settings) -> bool:
+    """An attested node under pcc refuses plaintext requests on the generation endpoints (attest/http.py)."""
+    return s.server is not None and s.server.attest and s.config.privacy == "pcc"
+
+
 def _off_loopback(s: Settings) -> bool:
-    if s.server is None or s.server.host == "localhost":
+    if s.server is None or s.server.host == "localhost" or _sealed_only(s):
         return False
     try:
         return not ipaddress.ip_address(s.server.host).is_loopback
@@ -93,7 +98,8 @@ FEATURES: tuple[Feature, ...] = (
             "a finished request's keys and values stay in GPU memory, and a reused block could show them to "
             "its next owner",
             "every freed block (finished, aborted, failed, preempted) is zeroed in one batched operation before "
-            "the next forward pass; no block reaches a new owner unscrubbed",
+            "the next forward pass, quantized codes with their scales and zero points; no block reaches a new "
+            "owner unscrubbed",
             fields=("block_size", "num_gpu_blocks", "gpu_memory_utilization"), enabled=_always),
     Feature("continuous batching scheduler", "T",
             "a scheduler that orders, admits or preempts by user, content or predicted length lets an attacker "
@@ -131,9 +137,17 @@ FEATURES: tuple[Feature, ...] = (
     Feature("plaintext HTTP beyond loopback", "E",
             "prompts and outputs cross the network in cleartext, readable by whatever terminates the "
             "connection outside the node (the deck's external TLS-terminating load balancer)",
-            "none (the HPKE-encrypted relay and gateway are not built yet)",
+            "none (with --attest under pcc the node accepts only requests sealed to its attested key, and this "
+            "feature is off)",
             fields=("host",), enabled=_off_loopback, pcc=False,
-            alternative="--host 127.0.0.1 (the default) behind an encrypting gateway on the same node"),
+            alternative="--host 127.0.0.1 (the default), or --attest (then only requests sealed to the node's "
+                        "attested key are accepted)"),
+    Feature("serving without attestation", "VE",
+            "a client cannot check what the node runs before sending it a prompt: no evidence binds a key to a "
+            "release in the transparency log, and requests arrive in plaintext",
+            "under pcc the listener stays on loopback, so only processes on this machine reach it",
+            fields=("attest",), enabled=lambda s: s.server is not None and not s.server.attest,
+            alternative="--attest (evidence at /attestation, sealed requests; docs/attest.md)"),
     # ---- not in ccserve: what a future implementation must put in force --------------------------------
     Feature("prefix caching", "SE", "one request's KV outlives it and can be inferred by others sharing the cache",
             "when built: off under pcc except operator-declared public prefixes; per-tenant with expiry under "
@@ -167,8 +181,12 @@ FEATURES: tuple[Feature, ...] = (
             present=False),
     Feature("debug or admin endpoints", "P", "an endpoint that inspects state is privileged runtime access",
             "the server routes only the OpenAI endpoints, /health and /metrics", present=False),
-    Feature("machine-level scheduler", "E", "a scheduler outside the attested node decides where data goes",
-            "when built (router, next issue): random node choice in proportion to capacity", present=False),
+    Feature("machine-level scheduler", "ET", "a scheduler outside the attested node decides where data goes, "
+            "and a node that advertises more capacity draws more requests",
+            "the router (`ccserve router`) routes only to nodes whose evidence it verified against the transparency "
+            "log, draws a node per request at random in proportion to capacity (capped by --max-node-capacity) "
+            "and sees only bodies sealed to the nodes and blind tokens; capacity is advertised, not attested",
+            fields=("router", "capacity"), enabled=lambda s: s.server is not None and s.server.router is not None),
     Feature("instance flip", "T", "turning a chosen node into a prefill node steers targets to it",
             "when built: refused under pcc", present=False),
     Feature("closed-source components", "V", "code that nobody outside can read cannot be verified",
@@ -184,6 +202,7 @@ NEUTRAL: dict[str, str] = {
     "max_model_len": "a global length limit, the same for every request",
     "seed": "seeds dummy weights and the default sampler; carries no request data",
     "privacy": "selects the policy itself",
+    "advertise_url": "where the router reaches this node; carries no request data",
 }
 
 

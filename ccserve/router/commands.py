@@ -4,9 +4,9 @@ Wire into ccserve/cli.py with `add_commands(sub)` on its subparsers; each subcom
 `python -m ccserve.router relay --gateway URL`. Configuration errors raise ValueError with a sentence saying
 what to do (cli.main prints it and exits 2).
 
-    ccserve issuer --credentials FILE                          token issuer     (default port 8083)
-    ccserve router --issuer URL --attested-keys FILE           gateway + router (default port 8082)
-    ccserve relay  --gateway URL                               relay            (default port 8081)
+    ccserve issuer --credentials FILE                                  token issuer     (default port 8083)
+    ccserve router --issuer URL --log-url URL --log-key KEY            gateway + router (default port 8082)
+    ccserve relay  --gateway URL                                       relay            (default port 8081)
 """
 from __future__ import annotations
 
@@ -26,10 +26,17 @@ def add_commands(subparsers) -> None:
                                    "anonymous token, forwards to a node drawn in proportion to capacity")
     router.add_argument("--issuer", required=True, help="base URL of the token issuer (`ccserve issuer`); its "
                         "key is fetched at start and again when tokens name a new one")
-    router.add_argument("--attested-keys", default=None, help="file of attested node signing keys (Ed25519, "
-                        "hex, one per line); only these nodes are routed to")
+    router.add_argument("--log-url", default=None, help="base URL of the transparency log (`ccserve log serve`): "
+                        "a node is routed to only once its evidence names a release in this log")
+    router.add_argument("--log-key", default=None, help="the log's verifier key (name+keyid+base64), pinned out of "
+                        "band, as clients pin it")
+    router.add_argument("--evidence-max-age", type=float, default=60.0,
+                        help="seconds a node's evidence may be old when it registers (default 60)")
+    router.add_argument("--privacy", choices=("pcc", "open"), default="pcc",
+                        help="the privacy policy: pcc (default) refuses --insecure-accept-unattested-nodes")
     router.add_argument("--insecure-accept-unattested-nodes", action="store_true",
-                        help="development only: route to any node whose report verifies")
+                        help="development only, refused under --privacy pcc: route to any node whose report "
+                        "signature verifies, without checking its evidence")
     router.add_argument("--max-node-capacity", type=int, default=1000,
                         help="cap on the capacity a node may advertise (bounds what a node gains by inflating it)")
     router.add_argument("--report-ttl", type=float, default=30.0,
@@ -69,24 +76,44 @@ def cmd_relay(args: argparse.Namespace) -> None:
     run(app, args.host, args.port, "relay")
 
 
+UNATTESTED_REFUSED = (
+    "The pcc privacy policy refuses --insecure-accept-unattested-nodes: it breaks verifiable transparency (V) and "
+    "enforceable guarantees (E), because requests would reach nodes whose software nobody checked against the "
+    "transparency log. Safe alternative: --log-url URL --log-key KEY (the router verifies every node's evidence); "
+    "or --privacy open, for development, which gives up that guarantee.")
+
+
+def attestor_of(args: argparse.Namespace, http):
+    """The router's attestation check, as the flags and the privacy policy allow it."""
+    from ccserve.router.attestation import AcceptUnattested, EvidenceAttestor
+    from ccserve.router.serve import log
+    if args.insecure_accept_unattested_nodes:
+        if args.privacy == "pcc":
+            raise ValueError(UNATTESTED_REFUSED)
+        if args.log_url or args.log_key:
+            raise ValueError("give either --log-url/--log-key or --insecure-accept-unattested-nodes, not both")
+        log("router", "WARNING: routing to unattested nodes (--insecure-accept-unattested-nodes, --privacy open)")
+        return AcceptUnattested()
+    if not (args.log_url and args.log_key):
+        raise ValueError("the router routes only to attested nodes: give --log-url URL and --log-key KEY of the "
+                         "transparency log their releases are in (`ccserve log serve`, `ccserve log init` printed "
+                         "the key)")
+    if args.evidence_max_age <= 0:
+        raise ValueError("--evidence-max-age must be > 0 seconds")
+    return EvidenceAttestor(args.log_url, args.log_key, http, max_age=args.evidence_max_age)
+
+
 def cmd_router(args: argparse.Namespace) -> None:
-    from ccserve.router import gateway, nodes
-    from ccserve.router.serve import log, run
-    if args.attested_keys and args.insecure_accept_unattested_nodes:
-        raise ValueError("give either --attested-keys FILE or --insecure-accept-unattested-nodes, not both")
-    if args.attested_keys:
-        is_attested = _read(nodes.AllowList.from_file, args.attested_keys)
-    elif args.insecure_accept_unattested_nodes:
-        is_attested = nodes.accept_unattested
-        log("router", "WARNING: routing to unattested nodes (--insecure-accept-unattested-nodes)")
-    else:
-        raise ValueError("the router routes only to attested nodes: give --attested-keys FILE (or, for "
-                         "development, --insecure-accept-unattested-nodes)")
+    import httpx
+
+    from ccserve.router import gateway
+    from ccserve.router.serve import run
     if args.max_node_capacity < 1 or args.report_ttl <= 0:
         raise ValueError("--max-node-capacity must be >= 1 and --report-ttl > 0")
-    _, app = gateway.build(args.issuer, is_attested, max_node_capacity=args.max_node_capacity,
-                           report_ttl=args.report_ttl, max_request_bytes=args.max_request_bytes)
-    run(app, args.host, args.port, "router")
+    with httpx.Client(timeout=30) as log_http:
+        _, app = gateway.build(args.issuer, attestor_of(args, log_http), max_node_capacity=args.max_node_capacity,
+                               report_ttl=args.report_ttl, max_request_bytes=args.max_request_bytes)
+        run(app, args.host, args.port, "router")
 
 
 def cmd_issuer(args: argparse.Namespace) -> None:

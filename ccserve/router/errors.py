@@ -53,3 +53,12 @@ class NodeRefused(RouterError):
 
 class NoHealthyNode(RouterError):
     """No healthy, attested node is registered: start nodes (or wait for their reports) and retry."""
+
+
+class NotAttested(NodeRefused):
+    """A node's report names keys no verified evidence binds: it must (again) answer a nonce from the router with
+    evidence of a release in the transparency log. The node agent does so when told this."""
+
+
+ERROR_TRAILER = "ccserve-error"
+"""The sealed trailer by which the gateway ends a streamed response whose node failed mid-response."""

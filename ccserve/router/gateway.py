@@ -9,9 +9,13 @@ What a node sees: the body and the gateway's address; neither the client's addre
 HTTP:  POST /gateway          message/ohttp-req -> message/ohttp-res, or
                               message/ohttp-chunked-req -> message/ohttp-chunked-res (streamed, chunk by chunk)
        GET  /ohttp-keys       application/ohttp-keys (the gateway's key configuration)
-       POST /nodes/register   a node's signed report (JSON, see nodes.py)
+       GET  /nodes/challenge  {"nonce": hex}: a fresh nonce for a node's evidence (attestation.py)
+       POST /nodes/register   a node's signed report, with evidence when it attests (JSON, see nodes.py)
        GET  /nodes            the healthy, attested nodes: URL, capacity, public keys, signed report
        GET  /stats            aggregate counters only
+
+Inner requests to /nodes and /nodes/<id>/attestation are answered by the gateway itself, without a token
+(directory.py): that is how clients verify the nodes through the relay.
 
 Errors before decryption are plain 400s (RFC 9458 section 5.2: they cannot be encrypted); errors after it are
 encrypted responses: 400 malformed inner request, 401 token refused, 503 no node, 502 node unreachable. A node
@@ -29,25 +33,27 @@ from dataclasses import dataclass
 
 import httpx
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ccserve.router import bhttp, ohttp, ohttp_chunked, tokens
-from ccserve.router.errors import (DecryptError, MalformedMessage, NodeRefused, NoHealthyNode, RouterError,
-                                   TokenRefused, UnknownKey)
-from ccserve.router.nodes import IsAttested, Node, NodeRegistry, SignedReport
+from ccserve.router import bhttp, directory, ohttp, ohttp_chunked, tokens
+from ccserve.router.attestation import Attestor
+from ccserve.router.errors import (ERROR_TRAILER, DecryptError, MalformedMessage, NodeRefused, NoHealthyNode,
+                                   NotAttested, RouterError, TokenRefused, UnknownKey)
+from ccserve.router.nodes import Node, NodeRegistry, SignedReport
 from ccserve.router.policy import Router
 from ccserve.router.serve import BodyTooLarge, http_client, log, read_limited
 from ccserve.router.stats import Stats
 
-OUTCOMES = ("served", "decrypt_failed", "unknown_key", "bad_request", "token_refused", "no_node", "node_failed",
-            "node_failed_midstream", "too_large", "unsupported_media_type")
+OUTCOMES = ("served", "directory", "decrypt_failed", "unknown_key", "bad_request", "token_refused", "no_node",
+            "node_failed", "node_failed_midstream", "too_large", "unsupported_media_type")
 FORWARDED_METHODS = ("GET", "POST")
 FORWARDED_HEADERS = ("content-type", "accept")      # inner request -> node; everything else stays behind
 RETURNED_HEADERS = ("content-type",)                # node response -> client, inside the encryption
-ERROR_TRAILER = "ccserve-error"
 KEY_REFRESH_INTERVAL = 10.0
+MAX_REPORT_BYTES = 1 << 20                          # a report with evidence (hardware quotes included)
 
 
 def _problem(status: int, title: str, problem_type: str = "about:blank") -> Response:
@@ -71,6 +77,9 @@ class NodeForwarder:
         request = self._http.build_request(inner.method, node.url + inner.path, headers=headers,
                                            content=inner.content)
         return await self._http.send(request, stream=True)
+
+    async def directory(self, inner: bhttp.Request, registry: NodeRegistry) -> bhttp.Response:
+        return await directory.answer(inner, registry, self._http)
 
 
 class IssuerKeys:
@@ -96,6 +105,7 @@ class IssuerKeys:
 class Gateway:
     key: ohttp.GatewayKey
     verifier: tokens.TokenVerifier
+    attestor: Attestor
     registry: NodeRegistry
     router: Router
     forwarder: NodeForwarder
@@ -148,6 +158,9 @@ class Gateway:
             self.stats.count("bad_request")
             return None, _error(400, f"inner request must be {' or '.join(FORWARDED_METHODS)} of a path starting "
                                      "with '/'")
+        if directory.is_directory(inner):
+            self.stats.count("directory")
+            return None, await self.forwarder.directory(inner, self.registry)
         try:
             await self._redeem(inner.header(tokens.TOKEN_HEADER))
         except TokenRefused as exc:
@@ -221,12 +234,16 @@ class Gateway:
 
     # ---- node registry ----------------------------------------------------------------------------------------
 
-    def register(self, data: object) -> dict:
-        node = self.registry.register(SignedReport.from_json(data))
+    async def register(self, data: object) -> dict:
+        """Accept a node's signed report; evidence sent with it is verified first (off the event loop: it reads
+        the transparency log). NodeRefused says why not."""
+        evidence = data.pop("evidence", None) if isinstance(data, dict) else None
+        signed = SignedReport.from_json(data)
+        signed.verify()
+        if evidence is not None:
+            await run_in_threadpool(self.attestor.verify, signed.report, evidence)
+        node = self.registry.register(signed)
         return {"node_id": node.node_id, "capacity": node.capacity, "report_ttl": self.registry.report_ttl}
-
-    def listing(self) -> dict:
-        return {"nodes": [node.listing() for node in self.registry.healthy()]}
 
 
 def gateway_app(gateway: Gateway, lifespan=None) -> Starlette:
@@ -243,36 +260,42 @@ def gateway_app(gateway: Gateway, lifespan=None) -> Starlette:
         return Response(ohttp.encode_key_configs([gateway.key.config]), media_type=ohttp.KEYS_MEDIA_TYPE,
                         headers={"cache-control": "max-age=60"})
 
+    async def challenge(request: Request) -> Response:
+        return JSONResponse({"nonce": gateway.attestor.challenge().hex()}, headers={"cache-control": "no-store"})
+
     async def register(request: Request) -> Response:
         try:
-            data = json.loads(await read_limited(request, 64 << 10))
-            return JSONResponse(gateway.register(data))
+            data = json.loads(await read_limited(request, MAX_REPORT_BYTES))
+            return JSONResponse(await gateway.register(data))
         except (BodyTooLarge, json.JSONDecodeError, UnicodeDecodeError):
-            return JSONResponse({"error": "node report must be a JSON object under 64 KiB"}, status_code=400)
+            return JSONResponse({"error": "node report must be a JSON object under 1 MiB"}, status_code=400)
         except NodeRefused as exc:
-            return JSONResponse({"error": str(exc)}, status_code=403)
+            code = "attestation_required" if isinstance(exc, NotAttested) else "refused"
+            return JSONResponse({"error": str(exc), "code": code}, status_code=403)
 
     async def nodes(request: Request) -> Response:
-        return JSONResponse(gateway.listing(), headers={"cache-control": "no-store"})
+        return JSONResponse(directory.listing(gateway.registry), headers={"cache-control": "no-store"})
 
     async def stats(request: Request) -> Response:
         return JSONResponse({**gateway.stats.snapshot(), "tokens_spent": gateway.verifier.spent_count(),
                              "healthy_nodes": len(gateway.registry.healthy())})
 
     return Starlette(routes=[Route("/gateway", oblivious, methods=["POST"]), Route("/ohttp-keys", ohttp_keys),
-                             Route("/nodes/register", register, methods=["POST"]), Route("/nodes", nodes),
-                             Route("/stats", stats)],
+                             Route("/nodes/challenge", challenge), Route("/nodes/register", register, methods=["POST"]),
+                             Route("/nodes", nodes), Route("/stats", stats)],
                      lifespan=lifespan)
 
 
-def build(issuer_url: str, is_attested: IsAttested, *, max_node_capacity: int = 1000, report_ttl: float = 30.0,
+def build(issuer_url: str, attestor: Attestor, *, max_node_capacity: int = 1000, report_ttl: float = 30.0,
           max_request_bytes: int = 8 << 20, rng: random.Random | None = None) -> tuple[Gateway, Starlette]:
     """A gateway with a fresh in-memory OHTTP key, and its app, whose lifespan fetches the issuer's key at
-    start and closes the HTTP client at the end. `rng` only for tests (default: the OS CSPRNG)."""
+    start and closes the HTTP client at the end. `attestor` decides which nodes count as attested
+    (attestation.py). `rng` only for tests (default: the OS CSPRNG)."""
     http = http_client()
     verifier = tokens.TokenVerifier()
-    gateway = Gateway(ohttp.GatewayKey.generate(), verifier, NodeRegistry(is_attested, max_node_capacity, report_ttl),
-                      Router(rng), NodeForwarder(http), IssuerKeys(issuer_url, http, verifier), max_request_bytes)
+    registry = NodeRegistry(attestor.is_attested, max_node_capacity, report_ttl)
+    gateway = Gateway(ohttp.GatewayKey.generate(), verifier, attestor, registry, Router(rng), NodeForwarder(http),
+                      IssuerKeys(issuer_url, http, verifier), max_request_bytes)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

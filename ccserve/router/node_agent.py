@@ -1,28 +1,40 @@
-"""A node's side of registration: sign a fresh report of URL, capacity and public keys, and send it to the
-router every `interval` seconds (the heartbeat that keeps the node healthy there).
+"""A node's side of registration: attest to the router once (evidence answering the router's nonce), then send a
+fresh signed report of URL, capacity and public keys every `interval` seconds (the heartbeat that keeps the node
+healthy there). If the router has forgotten the node (it restarted), the agent attests again.
 
-The signing key is the node's attested Ed25519 key (ccserve.attest creates it, in memory); the HPKE public key
-is the one clients seal request bodies to. Nothing about requests is ever reported.
+The node's identity (ccserve.attest.NodeIdentity: keys made in memory, the measurement) signs the reports and
+makes the evidence; the HPKE public key is the one clients seal request bodies to. Nothing about requests is
+ever reported.
 """
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 import httpx
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ccserve.router.errors import NodeRefused
 from ccserve.router.nodes import NodeReport, SignedReport, sign_report
 
 
+class AttestedNode(Protocol):
+    """What the agent needs of the node's identity (ccserve.attest.NodeIdentity has exactly this)."""
+
+    hpke_public_key: bytes
+    signing_public_key: bytes
+
+    def sign(self, context: str, message: bytes) -> bytes: ...
+
+    def evidence(self, nonce: bytes) -> dict: ...
+
+
 class NodeAgent:
-    def __init__(self, router_url: str, url: str, capacity: int, hpke_public_key: bytes,
-                 signing_key: Ed25519PrivateKey, interval: float = 5.0, clock=time.time) -> None:
+    def __init__(self, router_url: str, url: str, capacity: int, node: AttestedNode, interval: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.router_url, self.url, self.capacity = router_url.rstrip("/"), url, capacity
-        self.hpke_public_key, self._signing_key = hpke_public_key, signing_key
-        self.interval, self._clock = interval, clock
+        self._node, self.interval, self._clock = node, interval, clock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_timestamp = 0.0
@@ -31,27 +43,40 @@ class NodeAgent:
         """A freshly signed report; timestamps strictly increase, as the router requires."""
         timestamp = max(self._clock(), self._last_timestamp + 1e-3)
         self._last_timestamp = timestamp
-        public = self._signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        return sign_report(NodeReport(self.url, self.capacity, self.hpke_public_key, public, timestamp),
-                           self._signing_key)
+        report = NodeReport(self.url, self.capacity, self._node.hpke_public_key, self._node.signing_public_key,
+                            timestamp)
+        return sign_report(report, self._node)
 
-    def send_once(self, http: httpx.Client) -> dict:
-        response = http.post(self.router_url + "/nodes/register", json=self.report().to_json())
+    def send_once(self, http: httpx.Client, attest: bool = False) -> dict:
+        """One report; with `attest`, evidence for a fresh router nonce goes with it. A router that answers
+        `attestation_required` gets the evidence at once."""
+        body = self.report().to_json()
+        if attest:
+            body["evidence"] = self._node.evidence(self._challenge(http))
+        response = http.post(self.router_url + "/nodes/register", json=body)
+        if response.status_code == 403 and not attest and _code(response) == "attestation_required":
+            return self.send_once(http, attest=True)
         if response.status_code != 200:
-            raise NodeRefused(f"router refused this node's report ({response.status_code}): "
-                              f"{response.json().get('error')}")
+            raise NodeRefused(f"router refused this node's report ({response.status_code}): {_message(response)}")
         return response.json()
 
+    def _challenge(self, http: httpx.Client) -> bytes:
+        response = http.get(self.router_url + "/nodes/challenge")
+        if response.status_code != 200:
+            raise NodeRefused(f"router gave no nonce for this node's evidence ({response.status_code})")
+        return bytes.fromhex(response.json()["nonce"])
+
     def start(self) -> NodeAgent:
-        """Report now (raising if refused), then keep reporting on a daemon thread until stop()."""
-        with httpx.Client(timeout=10) as http:
-            self.send_once(http)
-        self._thread = threading.Thread(target=self._loop, daemon=True)
+        """Attest and report now (raising NodeRefused if refused, httpx.HTTPError if the router cannot be
+        reached), then keep reporting on a daemon thread until stop()."""
+        with httpx.Client(timeout=30) as http:
+            self.send_once(http, attest=True)
+        self._thread = threading.Thread(target=self._loop, name="ccserve-node-agent", daemon=True)
         self._thread.start()
         return self
 
     def _loop(self) -> None:
-        with httpx.Client(timeout=10) as http:
+        with httpx.Client(timeout=30) as http:
             while not self._stop.wait(self.interval):
                 try:
                     self.send_once(http)
@@ -61,4 +86,18 @@ class NodeAgent:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.interval + 5)
+            self._thread.join(timeout=self.interval + 35)
+
+
+def _code(response: httpx.Response) -> str | None:
+    try:
+        return response.json().get("code")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error"))
+    except (ValueError, AttributeError):
+        return response.text[:200]

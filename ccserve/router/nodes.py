@@ -1,11 +1,12 @@
 """The node registry: which nodes may receive requests, and with what weight.
 
 A node reports itself with a signed statement: its URL, its capacity, its HPKE public key (what clients seal
-request bodies to) and its Ed25519 signing key, with a timestamp; the signature is by that signing key. The
-registry accepts a report only if the signature verifies, the signing key is attested (`is_attested`, the hook
-through which ccserve.attest vouches for the key: evidence binding it to a measured release), the timestamp is
-fresh and newer than the node's last one (no replay), and the fields are sane. A node is healthy while its
-latest report is younger than `report_ttl` and the gateway has not seen it fail since.
+request bodies to) and its Ed25519 signing key, with a timestamp; the signature is by that signing key, the one
+its attestation evidence binds (NodeIdentity.sign). The registry accepts a report only if the signature
+verifies, the node is attested (`is_attested(report)`: router/attestation.py checked evidence binding both of
+the report's keys to a published release), the timestamp is fresh and newer than the node's last one (no
+replay), and the fields are sane. A node is healthy while its latest report is younger than `report_ttl` and
+the gateway has not seen it fail since.
 
 Capacity is what an attacker holding some nodes would inflate to attract traffic, so it is capped at
 `max_capacity`, and two keys cannot claim one URL.
@@ -19,18 +20,25 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from ccserve.attest.errors import BadSignature
+from ccserve.attest.evidence import verify_node_signature
+from ccserve.router.errors import NodeRefused, NotAttested
 
-from ccserve.router.errors import NodeRefused
-
-REPORT_DOMAIN = b"ccserve node report v1\n"
+REPORT_CONTEXT = "ccserve node report v1"   # signed as REPORT_CONTEXT || "\n" || canonical JSON of the report
 KEY_LEN = 32
-IsAttested = Callable[[bytes], bool]
+IsAttested = Callable[["NodeReport"], bool]
+"""Whether a report's keys (signing and HPKE, both) are attested: router/attestation.py."""
+
+
+class ReportSigner(Protocol):
+    """What signs a node's reports: the node's attested identity (ccserve.attest.NodeIdentity)."""
+
+    signing_public_key: bytes
+
+    def sign(self, context: str, message: bytes) -> bytes: ...
 
 
 def _b64(data: bytes) -> str:
@@ -77,9 +85,9 @@ class NodeReport:
         return cls(url.rstrip("/"), capacity, _unb64(data["hpke_public_key"], "hpke_public_key"),
                    _unb64(data["signing_public_key"], "signing_public_key"), float(timestamp))
 
-    def signed_bytes(self) -> bytes:
-        """What the signature covers: a domain prefix, then the report as canonical JSON."""
-        return REPORT_DOMAIN + json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
+    def body_bytes(self) -> bytes:
+        """What the signature covers, after the context line: the report as canonical JSON."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":")).encode()
 
     @property
     def node_id(self) -> str:
@@ -105,17 +113,17 @@ class SignedReport:
         return cls(NodeReport.from_json(data["report"]), signature)
 
     def verify(self) -> None:
-        key = Ed25519PublicKey.from_public_bytes(self.report.signing_public_key)
         try:
-            key.verify(self.signature, self.report.signed_bytes())
-        except InvalidSignature:
+            verify_node_signature(self.report.signing_public_key, REPORT_CONTEXT, self.report.body_bytes(),
+                                  self.signature)
+        except BadSignature:
             raise NodeRefused("node report signature does not verify under the signing key it names") from None
 
 
-def sign_report(report: NodeReport, signing_key: Ed25519PrivateKey) -> SignedReport:
-    if signing_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) != report.signing_public_key:
+def sign_report(report: NodeReport, signer: ReportSigner) -> SignedReport:
+    if signer.signing_public_key != report.signing_public_key:
         raise ValueError("the report names another signing key than the one signing it")
-    return SignedReport(report, signing_key.sign(report.signed_bytes()))
+    return SignedReport(report, signer.sign(REPORT_CONTEXT, report.body_bytes()))
 
 
 @dataclass
@@ -145,37 +153,6 @@ class Node:
                 "signing_public_key": _b64(self.report.signing_public_key), "signed_report": self.signed.to_json()}
 
 
-class AllowList:
-    """is_attested for a fixed set of Ed25519 keys (until ccserve.attest verifies evidence itself): the hex
-    public keys in a file, one per line."""
-
-    def __init__(self, keys: set[bytes]) -> None:
-        self._keys = frozenset(keys)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> AllowList:
-        keys = set()
-        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-            line = line.strip()
-            if line and not line.startswith("#"):
-                try:
-                    key = bytes.fromhex(line)
-                except ValueError:
-                    key = b""
-                if len(key) != KEY_LEN:
-                    raise ValueError(f"{path}:{number}: expected a 64-hex-digit Ed25519 public key")
-                keys.add(key)
-        return cls(keys)
-
-    def __call__(self, node_public_key: bytes) -> bool:
-        return node_public_key in self._keys
-
-
-def accept_unattested(node_public_key: bytes) -> bool:
-    """For development only: every key counts as attested. The pcc policy must never run with this."""
-    return True
-
-
 @dataclass
 class NodeRegistry:
     is_attested: IsAttested
@@ -189,9 +166,9 @@ class NodeRegistry:
         """Accept `signed` as the node's latest report, or raise NodeRefused saying why."""
         report, now = signed.report, self.clock()
         signed.verify()
-        if not self.is_attested(report.signing_public_key):
-            raise NodeRefused("node signing key is not attested: the node must present evidence of a "
-                              "published release first")
+        if not self.is_attested(report):
+            raise NotAttested("node keys are not attested: the node must first answer a nonce from GET "
+                              "/nodes/challenge with evidence of a release in the transparency log")
         if abs(report.timestamp - now) > self.max_skew:
             raise NodeRefused(f"node report timestamp is more than {self.max_skew:g} s from the router's clock")
         previous = self._nodes.get(report.node_id)
@@ -214,7 +191,7 @@ class NodeRegistry:
         random draw and never on registration order."""
         now = self.clock()
         live = [n for n in self._nodes.values()
-                if n.failed_at is None and self._fresh(n, now) and self.is_attested(n.report.signing_public_key)]
+                if n.failed_at is None and self._fresh(n, now) and self.is_attested(n.report)]
         return sorted(live, key=lambda n: n.node_id)
 
     def mark_failed(self, node_id: str) -> None:

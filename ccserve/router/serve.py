@@ -7,7 +7,6 @@ on stdout with the bound port, so a supervisor (or a test) that asked for port 0
 from __future__ import annotations
 
 import logging
-import socket
 import sys
 import threading
 import time
@@ -15,20 +14,7 @@ import time
 import httpx
 import uvicorn
 
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket. proto must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that
-    say so, and without it every streamed chunk after the first waits ~40 ms for a delayed ACK (Nagle)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    return sock
-
-
-def url_of(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+from ccserve.listen import bind, url_of
 
 
 def _server(app, log_level: str = "warning") -> uvicorn.Server:

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ccserve.router.nodes import NodeRegistry, NodeReport, accept_unattested, sign_report
+from ccserve.attest.evidence import signing_context
+from ccserve.router.attestation import AcceptUnattested
+from ccserve.router.nodes import NodeRegistry, NodeReport, sign_report
 from ccserve.router.policy import Router
 
 CAPACITIES = (10, 20, 30, 50, 80, 130, 210, 400)     # unequal on purpose: sum 930
@@ -74,16 +76,28 @@ def chi2_share(hits: int, n: int, p: float) -> tuple[float, float]:
     return stat, chi2_sf(stat, 1)
 
 
+class SimulatedNode:
+    """A node's report signer with a given key (a seeded run needs the same keys, which order the nodes, every
+    time; a real node's keys come from ccserve.attest.NodeIdentity). Signs exactly as NodeIdentity does."""
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self._key = key
+        self.signing_public_key = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def sign(self, context: str, message: bytes) -> bytes:
+        return self._key.sign(signing_context(context) + message)
+
+
 def build_registry(capacities: tuple[int, ...] = CAPACITIES, max_capacity: int = 1000,
                    rng: random.Random | None = None) -> NodeRegistry:
     """A registry of len(capacities) nodes named n0, n1, ... that registered with genuine signed reports (keys
     from `rng` when given, so that a seeded run orders the nodes, and so maps its draws, the same way)."""
-    registry = NodeRegistry(accept_unattested, max_capacity=max_capacity, report_ttl=1e9)
+    registry = NodeRegistry(AcceptUnattested().is_attested, max_capacity=max_capacity, report_ttl=1e9)
     for i, capacity in enumerate(capacities):
         key = Ed25519PrivateKey.from_private_bytes(rng.randbytes(32)) if rng else Ed25519PrivateKey.generate()
-        public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        report = NodeReport(f"http://n{i}.invalid", capacity, os.urandom(32), public, time.time())
-        registry.register(sign_report(report, key))
+        node = SimulatedNode(key)
+        report = NodeReport(f"http://n{i}.invalid", capacity, os.urandom(32), node.signing_public_key, time.time())
+        registry.register(sign_report(report, node))
     return registry
 
 

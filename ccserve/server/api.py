@@ -1,8 +1,10 @@
-"""The HTTP surface: exactly the OpenAI generation endpoints, /v1/models, /health and /metrics.
+"""The HTTP surface: exactly the OpenAI generation endpoints, /v1/models, /health and /metrics, and, on an
+attested node, /attestation (docs/attest.md).
 
 Nothing else is routed: no /docs or /redoc (a PCC node has no debug pages); /openapi.json stays, as the
 published contract clients and fuzzers test against. The engine runs on its own thread (async_engine.py),
-started and stopped with the app's lifespan.
+started and stopped with the app's lifespan. An attested node opens requests sealed to its in-memory key and seals
+every response (ccserve.attest.http.SealedBody, inside BodyLimit), so the endpoints themselves are unchanged.
 """
 from __future__ import annotations
 
@@ -18,14 +20,17 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ccserve import __version__
-from ccserve.config import EngineConfig
+from ccserve.attest.http import SealedBody, attestation_router
+from ccserve.config import EngineConfig, ServerOptions
 from ccserve.server import protocol as p
 from ccserve.server.async_engine import AsyncEngine
+from ccserve.server.idle_gc import CollectWhenIdle
 from ccserve.server.errors import error_response, install_error_handlers
 from ccserve.server.metrics import ServerMetrics
 from ccserve.server.serving import OpenAIServing
 
 if TYPE_CHECKING:
+    from ccserve.attest.identity import NodeIdentity
     from ccserve.engine.llm_engine import LLMEngine
 
 DEFAULT_MAX_QUEUE = 1024
@@ -34,8 +39,11 @@ ENDPOINT_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "cha
 _ERROR_RESPONSES = {code: {"model": p.ErrorResponse} for code in (400, 404, 413, 429, 500, 503)}
 
 
-def build_app(engine: LLMEngine, served_model_name: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
-    """An app serving `engine` (an LLMEngine, used from one thread only) under `served_model_name`."""
+def build_app(engine: LLMEngine, served_model_name: str | None = None, max_queue: int = DEFAULT_MAX_QUEUE,
+              identity: NodeIdentity | None = None, require_sealed: bool = False) -> FastAPI:
+    """An app serving `engine` (an LLMEngine, used from one thread only) under `served_model_name`. With an
+    `identity` (an attested node) it answers GET /attestation and opens sealed requests; `require_sealed` (the pcc
+    policy) refuses plain ones on the generation endpoints."""
     async_engine = AsyncEngine(engine, max_queue)
     model_name = served_model_name or engine.model_name
     metrics = ServerMetrics(lambda: async_engine.stats, lambda: async_engine.num_unfinished)
@@ -49,7 +57,11 @@ def build_app(engine: LLMEngine, served_model_name: str | None = None, max_queue
 
     app = FastAPI(title="ccserve", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine = async_engine
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    if identity is not None:
+        app.include_router(attestation_router(identity))
+        app.add_middleware(SealedBody, identity=identity, require_sealed=require_sealed, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)  # after SealedBody: it wraps it, sealed bodies count
+    app.add_middleware(CollectWhenIdle)  # around it all: it must see every request, rejected ones included
 
     def count(request: Request, outcome: str) -> None:
         endpoint = ENDPOINT_PATHS.get(request.url.path)
@@ -116,15 +128,31 @@ class BodyLimit:
         return f"the request body is larger than {self.max_bytes} bytes"
 
 
-def serve(config: EngineConfig, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
-          max_queue: int = DEFAULT_MAX_QUEUE, log_level: str = "info") -> None:
-    """Load the engine and serve it until interrupted, with the privacy-safe logging setup."""
+def serve(config: EngineConfig, options: ServerOptions | None = None) -> None:
+    """Load the engine and serve it until interrupted, with the privacy-safe logging setup. With `options.attest`
+    the node measures itself first; with `options.router` it then registers there once its socket listens."""
     import uvicorn
 
     from ccserve.engine.llm_engine import LLMEngine
+    from ccserve.listen import bind, url_of
+    from ccserve.server import node
     from ccserve.server.log_config import configure_logging
 
-    configure_logging(log_level)
-    app = build_app(LLMEngine(config), served_model_name, max_queue)
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, log_level=log_level,
-                server_header=False, date_header=False)
+    options = options or ServerOptions()
+    configure_logging(options.log_level)
+    identity = node.node_identity(config, options) if options.attest else None
+    app = build_app(LLMEngine(config), options.served_model_name, options.max_queue, identity=identity,
+                    require_sealed=options.attest and config.privacy == "pcc")
+    uvicorn_options = dict(log_config=None, access_log=False, log_level=options.log_level, server_header=False,
+                           date_header=False)
+    if options.router is None:
+        uvicorn.run(app, host=options.host, port=options.port, **uvicorn_options)
+        return
+    sock = bind(options.host, options.port)  # listening before registering: the router may route at once
+    agent = node.register(identity, config, options, url_of(sock))
+    try:
+        port = sock.getsockname()[1]
+        uvicorn.Server(uvicorn.Config(app, host=options.host, port=port, **uvicorn_options)).run(sockets=[sock])
+    finally:
+        agent.stop()
+        sock.close()

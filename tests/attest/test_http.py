@@ -37,7 +37,7 @@ def test_attestation_over_http(world):
 def test_sealed_request_and_streamed_response_over_http(world):
     identity, _, _, node, _ = world
     body = {"messages": [{"role": "user", "content": "tell me a secret"}], "stream": True}
-    sealed, opener = seal_request(identity.hpke_public_key, json.dumps(body).encode())
+    sealed, opener = seal_request([identity.hpke_public_key], json.dumps(body).encode())
     with httpx.stream("POST", f"{node}/v1/chat/completions", content=sealed,
                       headers={"content-type": REQUEST_MEDIA_TYPE}) as r:
         assert r.status_code == 200 and r.headers["content-type"] == RESPONSE_MEDIA_TYPE

@@ -224,3 +224,21 @@ def test_windows_continued_on_the_device_change_nothing(model_dirs):
         stats = engine.stats()
         assert stats.num_free_blocks == stats.num_total_blocks
         assert engine.runner.kv_cache.k.abs().sum() == 0 and engine.runner.kv_cache.v.abs().sum() == 0
+
+
+def test_no_window_outlives_its_requests(model_dirs):
+    """A window enqueued for rows that then all finish (stop token inside the earlier window, or abort) is
+    dropped: the engine keeps no finished sequence (and none of its tokens) once nothing is left to run."""
+    path = str(model_dirs["llama"])
+    prompt = prompts_of(1, seed=31)[0]
+    probe = LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=32, num_decode_steps=1))
+    free, _ = run_engine(probe, [prompt], [GREEDY])
+    stop_early = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, stop_token_ids=[free["0"][5]])
+    engine = LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=32, num_decode_steps=4))
+    run_engine(engine, [prompt], [stop_early])
+    assert engine._window is None
+    engine.add_request("x", prompt, SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+    while engine._window is None:
+        engine.step()
+    engine.abort_request("x")
+    assert engine._window is None and not engine.has_unfinished_requests()

@@ -93,3 +93,29 @@ def test_every_refusal_is_reported_at_once():
 def test_unknown_policy_names_the_field():
     with pytest.raises(ValueError, match="privacy must be 'pcc' .* or 'open', got 'strict'"):
         EngineConfig(model=MODEL, privacy="strict")
+
+
+def test_attestation_is_encouraged_and_makes_a_wider_listener_safe_under_pcc():
+    """Without --attest the node is allowed (README's `ccserve serve`) but reported; with it under pcc, plaintext
+    is refused by the node itself, so a non-loopback listener carries only sealed requests."""
+    plain = verdicts(*settings("pcc", {}, {}))
+    assert plain["serving without attestation"] == ALLOWED
+    attested = verdicts(*settings("pcc", {}, dict(attest=True, host="0.0.0.0")))
+    assert attested["serving without attestation"] == OFF and attested["plaintext HTTP beyond loopback"] == OFF
+    enforce(*settings("pcc", {}, dict(attest=True, host="0.0.0.0")))
+    # under open, an attested node still takes plaintext requests: a wide listener is then a threat again
+    open_wide = verdicts(*settings("open", {}, dict(attest=True, host="0.0.0.0")))
+    assert open_wide["plaintext HTTP beyond loopback"] == UNSAFE
+    routed = verdicts(*settings("pcc", {}, dict(attest=True, router="http://router:8082", capacity=8)))
+    assert routed["machine-level scheduler"] == ALLOWED and plain["machine-level scheduler"] == OFF
+
+
+@pytest.mark.parametrize("server, message", [
+    (dict(router="http://router:8082"), "router needs attest"),
+    (dict(attest=True, capacity=4), "give router too"),
+    (dict(attest=True, router="router:8082"), "must be an http"),
+    (dict(attest=True, router="http://r", capacity=0), "capacity must be >= 1"),
+])
+def test_router_options_are_checked(server, message):
+    with pytest.raises(ValueError, match=message):
+        ServerOptions(**server)

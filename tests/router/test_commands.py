@@ -14,17 +14,23 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def test_subcommands_parse_with_their_defaults():
     assert parse(["relay", "--gateway", "http://gw"]).port == 8081
-    router = parse(["router", "--issuer", "http://iss", "--attested-keys", "keys.txt"])
+    router = parse(["router", "--issuer", "http://iss", "--log-url", "http://log", "--log-key", "k"])
     assert (router.port, router.max_node_capacity, router.report_ttl) == (8082, 1000, 30.0)
+    assert (router.privacy, router.evidence_max_age) == ("pcc", 60.0)
     assert parse(["issuer", "--credentials", "c.txt"]).key_bits == 2048
     with pytest.raises(SystemExit):
         parse(["issuer", "--credentials", "c.txt", "--key-bits", "1024"])
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["router", "--issuer", "http://127.0.0.1:9"], "attested nodes"),
-    (["router", "--issuer", "http://127.0.0.1:9", "--attested-keys", "/nonexistent"], "cannot read"),
-    (["router", "--issuer", "x", "--attested-keys", "k", "--insecure-accept-unattested-nodes"], "not both"),
+    (["router", "--issuer", "http://127.0.0.1:9"], "--log-url URL and --log-key KEY"),
+    (["router", "--issuer", "http://127.0.0.1:9", "--log-url", "http://127.0.0.1:9"], "--log-key"),
+    (["router", "--issuer", "http://127.0.0.1:9", "--log-url", "http://127.0.0.1:9", "--log-key", "bad"],
+     "not name+keyid+base64"),
+    (["router", "--issuer", "x", "--insecure-accept-unattested-nodes"],
+     "The pcc privacy policy refuses --insecure-accept-unattested-nodes: it breaks verifiable transparency (V)"),
+    (["router", "--issuer", "x", "--privacy", "open", "--log-url", "u", "--log-key", "k",
+      "--insecure-accept-unattested-nodes"], "not both"),
     (["issuer", "--credentials", "/nonexistent"], "cannot read"),
 ])
 def test_configuration_errors_say_what_to_do(argv, message, capsys):

@@ -1,19 +1,21 @@
 """The gateway/router over real HTTP on loopback: requests served through the relay, streamed or whole; tokens
 spent once; tampering refused; only attested nodes registered; a dead node avoided."""
+import base64
 import hashlib
 import json
 import os
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ccserve.attest.identity import NodeIdentity
 from ccserve.router import bhttp, ohttp
 from ccserve.router.errors import NodeRefused
 from ccserve.router.issuer import Issuer, credential_digest, fetch_tokens, issuer_app
 from ccserve.router.nodes import SignedReport
 from ccserve.router.oblivious import ObliviousClient, RelayRefused
 from ccserve.router.serve import BackgroundServer
+from tests.router.conftest import stand_in_measurement
 from tests.router.stand_in_node import StandInNode
 
 NODE_VISIBLE_HEADERS = {"host", "content-length", "content-type", "accept"}
@@ -102,15 +104,50 @@ def test_nodes_listing_is_verifiable(deployment):
     assert ohttp.decode_key_configs(keys.content) == [deployment.gateway.key.config]
 
 
-def test_unattested_node_cannot_register(deployment):
-    intruder = StandInNode(deployment.gateway_url, "intruder", 1000, Ed25519PrivateKey.generate())
+def test_a_node_running_an_unpublished_release_cannot_register(deployment):
+    intruder = StandInNode(deployment.gateway_url, "intruder", 1000, NodeIdentity(stand_in_measurement()))
     intruder.server.start()
     try:
-        with pytest.raises(NodeRefused, match="not attested"):
+        with pytest.raises(NodeRefused, match="UnknownMeasurement"):
             intruder.agent.start()
+        report = intruder.agent.report().to_json()       # and without evidence it is not attested either
+        reply = deployment.http.post(deployment.gateway_url + "/nodes/register", json=report)
+        assert reply.status_code == 403 and reply.json()["code"] == "attestation_required"
     finally:
         intruder.server.stop()
     assert len(deployment.http.get(deployment.gateway_url + "/nodes").json()["nodes"]) == 3
+
+
+def test_a_router_that_forgot_its_nodes_gets_their_evidence_again(fresh_deployment):
+    """A restarted router knows no node: the agents' next heartbeat is told so, and they attest again."""
+    deployment = fresh_deployment
+    attestor = deployment.gateway.attestor
+    forgotten = dict(attestor._attested)
+    attestor._attested.clear()
+    assert deployment.gateway.registry.healthy() == []
+    with httpx.Client(timeout=30) as http:
+        for node in deployment.nodes:
+            node.agent.send_once(http)                    # a plain heartbeat, answered attestation_required
+    assert attestor._attested == forgotten and len(deployment.gateway.registry.healthy()) == 3
+
+
+def test_the_directory_answers_through_the_relay_without_a_token(deployment):
+    """The node list and a node's evidence for the client's own nonce, as inner requests the gateway answers."""
+    counts = Counts(deployment.gateway)
+    listing = deployment.client.send(bhttp.Request("GET", "/nodes"))
+    assert listing.status == 200
+    nodes = json.loads(listing.content)["nodes"]
+    assert len(nodes) == 3
+    nonce = os.urandom(32).hex()
+    reply = deployment.client.send(bhttp.Request("GET", f"/nodes/{nodes[0]['node_id']}/attestation?nonce={nonce}"))
+    assert reply.status == 200
+    statement = json.loads(base64.b64decode(json.loads(reply.content)["payload"]))
+    assert statement["nonce"] == nonce and statement["signing_key"] == nodes[0]["signing_public_key"]
+    for path in (f"/nodes/{'0' * 64}/attestation?nonce={nonce}", f"/nodes/{nodes[0]['node_id']}/other",
+                 f"/nodes/{nodes[0]['node_id']}/attestation?nonce=zz"):
+        assert deployment.client.send(bhttp.Request("GET", path)).status == 404
+    assert deployment.client.send(bhttp.Request("POST", "/nodes", content=b"x")).status == 405
+    assert counts["directory"] == 6 and counts["token_refused"] == 0 and counts["served"] == 0
 
 
 def test_dead_node_fails_cleanly_and_is_avoided(fresh_deployment):

@@ -24,3 +24,14 @@ def test_router_imports_nothing_above_or_beside_it():
     for path in files:
         bad = {m for m in imported_modules(path) if m.startswith(FORBIDDEN)}
         assert not bad, f"{path.name} imports {bad}"
+
+
+def test_a_relay_or_router_host_loads_no_gpu_stack():
+    """At run time too: the router verifies nodes with ccserve.attest, which must not pull torch in."""
+    import subprocess
+    import sys
+    code = ("import sys, ccserve.router.commands, ccserve.router.gateway, ccserve.router.relay, "
+            "ccserve.router.attestation, ccserve.router.issuer; print(sorted(m for m in sys.modules "
+            "if m == 'torch' or m.startswith(('ccserve.engine', 'ccserve.server', 'ccserve.models'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

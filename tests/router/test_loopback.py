@@ -1,77 +1,31 @@
-"""A deployment of separate processes on loopback: issuer, gateway/router, relay and three stand-in nodes,
-started with the real command lines. Concurrent clients, whole and streamed, all served; then a node is
-killed (SIGKILL) mid-stream: its requests end cleanly (an authenticated error, never a silent cut) and new
-requests avoid it."""
+"""A deployment of separate processes on loopback: issuer, transparency log, gateway/router, relay and three
+stand-in nodes (real identities and evidence, a stand-in app), started with the real command lines. Concurrent
+clients, whole and streamed, all served; then a node is killed (SIGKILL) mid-stream: its requests end cleanly
+(an authenticated error, never a silent cut) and new requests avoid it. tests/test_deployment.py does the same
+with real `ccserve serve --attest` nodes and the client SDK."""
 import hashlib
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from ccserve.attest.note import Signer
+from ccserve.attest.tlog import TransparencyLog
 from ccserve.router import bhttp
 from ccserve.router.issuer import fetch_tokens
 from ccserve.router.oblivious import ObliviousClient
-from tests.router.stand_in_node import private_hex, public_hex
+from tests.processes import Process, processes  # noqa: F401 (a fixture)
+from tests.router.conftest import stand_in_measurement
 
-ROOT = Path(__file__).resolve().parents[2]
 CREDENTIAL = "loopback-client"
 CAPACITIES = (10, 30, 60)
 
 
-class Process:
-    """One service, started as `python ARGS`, its output in a file; `.line(prefix)` waits for a line."""
-
-    def __init__(self, args: list[str], log: Path, env: dict | None = None) -> None:
-        self.log = log
-        self._out = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, *args], stdout=self._out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
-
-    def line(self, prefix: str, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.log.read_text().splitlines():
-                if line.startswith(prefix):
-                    return line[len(prefix):].strip()
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.proc.args} did not print {prefix!r}:\n{self.log.read_text()[-2000:]}")
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def wait_or_kill(self) -> None:
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.kill()
-        self._out.close()
-
-
-@pytest.fixture
-def processes():
-    """The processes a test starts; all terminated at the end (SIGTERM side by side, SIGKILL after 10 s)."""
-    started: list[Process] = []
-    yield started
-    for process in started:
-        if process.proc.poll() is None:
-            process.proc.terminate()
-    for process in started:
-        process.wait_or_kill()
-
-
-def service(processes, tmp_path, name: str, *args: str) -> str:
-    process = Process(["-m", "ccserve.router", name, *args, "--port", "0"], tmp_path / f"{name}.log")
+def service(processes, tmp_path, name: str, *args: str, module: str = "ccserve.router") -> Process:
+    process = Process(["-m", module, name, *args, "--port", "0"], tmp_path / f"{name}.log")
     processes.append(process)
     return process
 
@@ -94,20 +48,22 @@ def stream_outcome(client: ObliviousClient, body: bytes, token: str) -> tuple[in
 @pytest.mark.timeout(120)
 def test_processes_on_loopback_with_a_node_killed(processes, tmp_path):
     (tmp_path / "credentials").write_text(CREDENTIAL + "\n")
-    keys = [Ed25519PrivateKey.generate() for _ in CAPACITIES]
-    (tmp_path / "attested").write_text("".join(public_hex(k) + "\n" for k in keys))
+    signer, release = Signer.generate("loopback.example/releases"), stand_in_measurement()
+    TransparencyLog.create(tmp_path / "log", signer).append(release.entry(), signer)
 
     issuer = service(processes, tmp_path, "issuer", "--credentials", str(tmp_path / "credentials"))
+    log = service(processes, tmp_path, "log", "serve", "--dir", str(tmp_path / "log"), module="ccserve.cli")
     issuer_url = issuer.line("ccserve issuer: listening on")
-    router = service(processes, tmp_path, "router", "--issuer", issuer_url, "--attested-keys",
-                     str(tmp_path / "attested"), "--report-ttl", "3")
+    log_url = log.line("ccserve log: listening on")
+    router = service(processes, tmp_path, "router", "--issuer", issuer_url, "--log-url", log_url, "--log-key",
+                     signer.verifier.encode(), "--report-ttl", "3")
     router_url = router.line("ccserve router: listening on")
     relay = service(processes, tmp_path, "relay", "--gateway", router_url)
     nodes = []
-    for i, (capacity, key) in enumerate(zip(CAPACITIES, keys)):
+    for i, capacity in enumerate(CAPACITIES):
         nodes.append(Process(["-m", "tests.router.stand_in_node", "--router", router_url, "--name", f"node{i}",
                               "--capacity", str(capacity), "--chunks", "20", "--delay", "0.03"],
-                             tmp_path / f"node{i}.log", env={"NODE_SIGNING_KEY": private_hex(key)}))
+                             tmp_path / f"node{i}.log", env={"NODE_MEASUREMENT": json.dumps(release.record())}))
         processes.append(nodes[-1])
     relay_url = relay.line("ccserve relay: listening on")
     for node in nodes:

@@ -3,11 +3,11 @@ import dataclasses
 import os
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ccserve.router.errors import NodeRefused
-from ccserve.router.nodes import AllowList, NodeRegistry, NodeReport, SignedReport, sign_report
+from ccserve.attest.identity import NodeIdentity
+from ccserve.router.errors import NodeRefused, NotAttested
+from ccserve.router.nodes import REPORT_CONTEXT, NodeRegistry, NodeReport, SignedReport, sign_report
+from tests.router.conftest import stand_in_measurement
 
 
 class Clock:
@@ -18,20 +18,18 @@ class Clock:
         return self.now
 
 
-def public(key: Ed25519PrivateKey) -> bytes:
-    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-
-
-def report(key, clock, url="http://node-a:8000", capacity=10) -> SignedReport:
-    return sign_report(NodeReport(url, capacity, os.urandom(32), public(key), clock()), key)
+def report(node: NodeIdentity, clock, url="http://node-a:8000", capacity=10) -> SignedReport:
+    return sign_report(NodeReport(url, capacity, node.hpke_public_key, node.signing_public_key, clock()), node)
 
 
 @pytest.fixture
 def setup():
-    keys = [Ed25519PrivateKey.generate() for _ in range(3)]
+    """Three nodes; the first two are attested (as router/attestation.py would remember them)."""
+    keys = [NodeIdentity(stand_in_measurement()) for _ in range(3)]
+    attested = {(k.signing_public_key, k.hpke_public_key) for k in keys[:2]}
     clock = Clock()
-    registry = NodeRegistry(AllowList({public(k) for k in keys[:2]}), max_capacity=100, report_ttl=30,
-                            max_skew=30, clock=clock)
+    registry = NodeRegistry(lambda r: (r.signing_public_key, r.hpke_public_key) in attested, max_capacity=100,
+                            report_ttl=30, max_skew=30, clock=clock)
     return keys, clock, registry
 
 
@@ -44,15 +42,18 @@ def test_valid_report_roundtrips_through_json(setup):
     assert listing["url"] == "http://node-a:8000" and listing["signed_report"] == signed.to_json()
 
 
-def test_refusals(setup, tmp_path):
+def test_refusals(setup):
     keys, clock, registry = setup
     good = report(keys[0], clock)
     with pytest.raises(NodeRefused, match="signature"):          # altered after signing
         registry.register(SignedReport(dataclasses.replace(good.report, capacity=99), good.signature))
     with pytest.raises(NodeRefused, match="signature"):          # signed by another key than it names
-        registry.register(SignedReport(good.report, keys[1].sign(good.report.signed_bytes())))
-    with pytest.raises(NodeRefused, match="not attested"):
+        registry.register(SignedReport(good.report, keys[1].sign(REPORT_CONTEXT, good.report.body_bytes())))
+    with pytest.raises(NotAttested, match="not attested"):
         registry.register(report(keys[2], clock, url="http://node-c:8000"))
+    swapped = dataclasses.replace(good.report, hpke_public_key=os.urandom(32))   # an attested signer, another key
+    with pytest.raises(NotAttested):
+        registry.register(sign_report(swapped, keys[0]))
     clock.now += 100
     with pytest.raises(NodeRefused, match="timestamp"):          # stale
         registry.register(good)
@@ -66,12 +67,6 @@ def test_refusals(setup, tmp_path):
         data = {**report(keys[0], clock).to_json()["report"], **bad}
         with pytest.raises(NodeRefused):
             SignedReport.from_json({"report": data, "signature": "AAAA"})
-    allow = tmp_path / "keys"
-    allow.write_text("# nodes\n" + public(keys[0]).hex() + "\n")
-    assert AllowList.from_file(allow)(public(keys[0])) and not AllowList.from_file(allow)(public(keys[1]))
-    allow.write_text("abcd\n")
-    with pytest.raises(ValueError, match="64-hex-digit"):
-        AllowList.from_file(allow)
 
 
 def test_capacity_is_capped(setup):

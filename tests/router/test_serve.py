@@ -3,7 +3,8 @@ import logging
 import socket
 import sys
 
-from ccserve.router.serve import _NoTracebacks, bind
+from ccserve.listen import bind
+from ccserve.router.serve import _NoTracebacks
 
 
 def test_listening_socket_gets_tcp_nodelay_connections():

@@ -14,6 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
+from ccserve.attest.identity import NodeIdentity
 from ccserve.config import EngineConfig
 from ccserve.engine.llm_engine import LLMEngine
 from ccserve.server.api import build_app
@@ -66,9 +67,11 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str = "condi
         time.sleep(0.02)
 
 
-def start_server(model_dir: Path, max_queue: int = 1024, **engine_kwargs) -> LiveServer:
+def start_server(model_dir: Path, max_queue: int = 1024, identity: NodeIdentity | None = None,
+                 require_sealed: bool = False, **engine_kwargs) -> LiveServer:
     engine = LLMEngine(EngineConfig(model=str(model_dir), device="cpu", **engine_kwargs))
-    app = build_app(engine, served_model_name=MODEL, max_queue=max_queue)
+    app = build_app(engine, served_model_name=MODEL, max_queue=max_queue, identity=identity,
+                    require_sealed=require_sealed)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False))
     disable_access_log()  # as serve() does; pytest attaches its capture handler to the access logger
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)

@@ -112,9 +112,9 @@ def test_error_messages_do_not_echo_requests(server: LiveServer, caplog: pytest.
 def served_process(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     """`serve()` in its own process at log level debug, its stdout and stderr captured to files."""
     logs = tmp_path_factory.mktemp("serve-logs")
-    code = ("import sys; from ccserve.config import EngineConfig; from ccserve.server.api import serve; "
+    code = ("import sys; from ccserve.config import EngineConfig, ServerOptions; from ccserve.server.api import serve; "
             "serve(EngineConfig(model=sys.argv[1], device='cpu', max_model_len=128, num_gpu_blocks=32), "
-            f"port=0, served_model_name={MODEL!r}, log_level='debug')")
+            f"ServerOptions(port=0, served_model_name={MODEL!r}, log_level='debug'))")
     with open(logs / "out", "wb") as out, open(logs / "err", "wb") as err:
         proc = subprocess.Popen([sys.executable, "-c", code, str(tiny_model_path)], stdout=out, stderr=err,
                                 env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parents[2])
