@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from ccserve.kv.formats import kv_format as _kv_format
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PRIVACY_POLICIES = ("pcc", "open")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -22,6 +24,7 @@ class EngineConfig:
     and float32 on the CPU, where bf16 matmuls are slow and tests compare against float32 references.
     privacy names the policy the settings are judged by (ccserve/privacy/): "pcc" refuses settings that
     break a Private Cloud Compute rule, "open" allows them and `ccserve audit` reports the threat.
+    kv_format names how keys and values are stored (ccserve/kv/formats.py): "bf16" is the model's dtype.
     """
 
     model: str
@@ -39,6 +42,7 @@ class EngineConfig:
     seed: int = 0
     cuda_graph_max_batch: int = 512
     num_decode_steps: int = 8
+    kv_format: str = "bf16"
     privacy: str = "pcc"
     extra: dict = field(default_factory=dict)
 
@@ -72,6 +76,7 @@ class EngineConfig:
             raise ValueError(f"num_decode_steps must be in [1, 64], got {self.num_decode_steps}")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
+        _kv_format(self.kv_format)      # raises naming --kv-format and the choices
         if self.privacy not in PRIVACY_POLICIES:
             raise ValueError(f"privacy must be 'pcc' (the default) or 'open', got {self.privacy!r}")
 

@@ -78,7 +78,8 @@ class LLMEngine:
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             num_free_blocks=self.pool.num_free, num_total_blocks=self.pool.num_blocks,
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
-            generation_tokens_total=self.generation_tokens_total)
+            generation_tokens_total=self.generation_tokens_total,
+            kv_capacity_tokens=self.pool.num_blocks * self.config.block_size)
 
     # ---- the step --------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from ccserve.config import EngineConfig
 from ccserve.engine.scheduler import ScheduledBatch
 from ccserve.engine.sequence import Sequence
 from ccserve.kv.cache import KVCache
+from ccserve.kv.formats import kv_format
 from ccserve.layers.attention import Attention, AttentionMetadata
 from ccserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from ccserve.models.loader import load_model
@@ -90,8 +91,9 @@ class ModelRunner:
         self.sampler = Sampler()
         layer = self.attn_layers[0]
         self.kv_shape = (len(self.attn_layers), layer.num_kv_heads, self.block_size, layer.head_dim)
+        self.kv_format = kv_format(config.kv_format).resolve(layer.head_dim, self.block_size)
         num_blocks = config.num_gpu_blocks or self._profile_num_blocks()
-        self.kv_cache = KVCache(*self.kv_shape, num_blocks=num_blocks, dtype=self.dtype, device=self.device)
+        self.kv_cache = self._new_cache(num_blocks)
         self.kv_cache.bind(self.attn_layers)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -100,6 +102,10 @@ class ModelRunner:
     @property
     def num_blocks(self) -> int:
         return self.kv_cache.num_blocks
+
+    def _new_cache(self, num_blocks: int) -> KVCache:
+        return KVCache(*self.kv_shape, num_blocks=num_blocks, dtype=self.dtype, device=self.device,
+                       kv_format=self.kv_format)
 
     # ---- one step -------------------------------------------------------------------------------------
 
@@ -262,8 +268,9 @@ class ModelRunner:
     # ---- sizing the KV cache ---------------------------------------------------------------------------
 
     def _bytes_per_block(self) -> int:
+        """K and V of one block in all layers, in the cache's format (scales and zero points included)."""
         layers, heads, bs, dim = self.kv_shape
-        return 2 * layers * heads * bs * dim * self.dtype.itemsize
+        return int(layers * heads * bs * self.kv_format.bytes_per_token(dim, bs, self.dtype.itemsize))
 
     def _profile_num_blocks(self) -> int:
         if self.device.type != "cuda":
@@ -282,7 +289,7 @@ class ModelRunner:
         seq_len = min(self.max_model_len, tokens)
         num_seqs = -(-tokens // seq_len)
         temp_blocks = num_seqs * -(-seq_len // self.block_size)
-        temp = KVCache(*self.kv_shape, num_blocks=temp_blocks, dtype=self.dtype, device=self.device)
+        temp = self._new_cache(temp_blocks)
         temp.bind(self.attn_layers)
         torch.cuda.reset_peak_memory_stats()
         meta, ids, pos = self._dummy_prefill(tokens, seq_len)

@@ -47,3 +47,4 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    kv_capacity_tokens: int = 0     # tokens the KV cache holds in its format (blocks * block_size)

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ccserve.kernels.kv_quant import PagedCache, cache_dims, kernel_args, operand_bases
 from ccserve.kernels.prefill_attention import LOG2E, attend_kv_tile, dot_types, gather_kv
 
 MIN_SPLIT_TOKENS = 256       # do not split a context into pieces shorter than this
@@ -31,11 +32,12 @@ class DecodeConfig:
     num_stages: int = 2
 
 
-def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                         block_tables: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
+                         seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, H, D]; sequence b attends to its first seq_lens[b] cached tokens (0 gives zeros: padding)."""
     out = torch.empty_like(q) if out is None else out
-    group = q.shape[1] // k_cache.shape[1]
+    group = q.shape[1] // cache_dims(k_cache)[0]
     for b, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:
             out[b] = 0
@@ -49,14 +51,16 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_partial_kernel(
-        Q, KCache, VCache, SeqLens, BlockTables, Out, PartM, PartL, PartAcc, qk_scale,
+        Q, KCache, KScale, KZero, VCache, VScale, VZero, SeqLens, BlockTables, Out, PartM, PartL, PartAcc, qk_scale,
         stride_qb, stride_qh, stride_qd,
-        stride_kb, stride_kh, stride_ks, stride_kd,
-        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_kb, stride_kh, stride_ks, stride_kd, stride_ksb, stride_ksh, stride_kss, stride_ksc,
+        stride_vb, stride_vh, stride_vs, stride_vd, stride_vsb, stride_vsh, stride_vss, stride_vsc,
         stride_bt, stride_ob, stride_oh, stride_od,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_GROUP: tl.constexpr,
+        V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr):
     """Online softmax of one group of query heads over one split of one sequence's context.
 
     With one split the normalized result goes straight to Out; otherwise the running max (log2 domain),
@@ -80,8 +84,10 @@ def _decode_partial_kernel(
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    k_base = KCache + kv_head * stride_kh + offs_d[None, :] * stride_kd
-    v_base = VCache + kv_head * stride_vh + offs_d[None, :] * stride_vd
+    k_base, ks_base, kz_base, k_shift = operand_bases(KCache, KScale, KZero, kv_head, offs_d, stride_kh, stride_kd,
+                                                      stride_ksh, stride_ksc, K_KIND, K_BITS, K_AXIS, K_GROUP)
+    v_base, vs_base, vz_base, v_shift = operand_bases(VCache, VScale, VZero, kv_head, offs_d, stride_vh, stride_vd,
+                                                      stride_vsh, stride_vsc, V_KIND, V_BITS, V_AXIS, V_GROUP)
     table = BlockTables + seq.to(tl.int64) * stride_bt
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
@@ -90,9 +96,12 @@ def _decode_partial_kernel(
     for tile_start in range(start, end, BLOCK_N):
         pos = tile_start + offs_n
         pos_mask = pos < end
-        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_base, v_base, table, pos, pos_mask, d_mask,
-                                       pos_mask[None, :], qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                       BLOCK_SIZE, DOT_PRECISION, True)
+        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_base, ks_base, kz_base, k_shift, v_base, vs_base,
+                                       vz_base, v_shift, table, pos, pos_mask, d_mask, pos_mask[None, :], qk_scale,
+                                       stride_kb, stride_ks, stride_ksb, stride_kss,
+                                       stride_vb, stride_vs, stride_vsb, stride_vss,
+                                       BLOCK_SIZE, DOT_PRECISION, True, K_KIND, K_BITS, K_AXIS, K_GROUP,
+                                       V_KIND, V_BITS, V_AXIS, V_GROUP)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -150,14 +159,15 @@ def num_decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
     return triton.next_power_of_2(splits)
 
 
-def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                            block_tables: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                            num_splits: int | None = None, config: DecodeConfig | None = None) -> torch.Tensor:
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
+                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                            out: torch.Tensor | None = None, num_splits: int | None = None,
+                            config: DecodeConfig | None = None) -> torch.Tensor:
     """Same contract as decode_attention_ref; num_splits (a power of two) and config override the defaults
     (tests, tuning)."""
     out = torch.empty_like(q) if out is None else out
     batch, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    num_kv_heads, block_size = cache_dims(k_cache)
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
@@ -172,12 +182,15 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         part_acc = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = out        # unused by the kernel
+    k_ptrs, k_strides, k_consts = kernel_args(k_cache, "K")
+    v_ptrs, v_strides, v_consts = kernel_args(v_cache, "V")
     _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, seq_lens, block_tables, out, part_m, part_l, part_acc, scale * LOG2E,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
+        q, *k_ptrs, *v_ptrs, seq_lens, block_tables, out, part_m, part_l, part_acc, scale * LOG2E,
+        *q.stride(), *k_strides, *v_strides, block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-        DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **k_consts, **v_consts)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             out, part_m, part_l, part_acc, *out.stride(),
@@ -185,8 +198,9 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     return out
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                     block_tables: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
+                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     if q.is_cuda:
         return decode_attention_triton(q, k_cache, v_cache, seq_lens, block_tables, scale, out)
     return decode_attention_ref(q, k_cache, v_cache, seq_lens, block_tables, scale, out)

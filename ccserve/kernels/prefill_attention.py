@@ -14,23 +14,27 @@ import torch
 import triton
 import triton.language as tl
 
+from ccserve.kernels.kv_quant import (PagedCache, cache_dims, dequantize_blocks_ref, kernel_args, load_operand,
+                                      operand_bases)
+
 LOG2E = 1.4426950408889634
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first seq_len cached tokens of one sequence as [seq_len, Hk, D]."""
-    block_size = cache.shape[2]
+def gather_kv(cache: torch.Tensor | PagedCache, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The first seq_len cached tokens of one sequence as [seq_len, Hk, D] (a quantized cache dequantized, fp32)."""
+    num_kv_heads, block_size = cache_dims(cache)
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache[block_table[:num_blocks].long()]            # [nb, Hk, bs, D]
-    return blocks.transpose(1, 2).reshape(-1, cache.shape[1], cache.shape[3])[:seq_len]
+    ids = block_table[:num_blocks].long()
+    blocks = cache[ids] if isinstance(cache, torch.Tensor) else dequantize_blocks_ref(cache, ids)   # [nb, Hk, bs, D]
+    return blocks.transpose(1, 2).reshape(-1, num_kv_heads, blocks.shape[3])[:seq_len]
 
 
-def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
                           cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                           scale: float, max_query_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, H, D]. Query i of sequence s sits at position seq_lens[s] - q_len_s + i and sees keys <= it."""
     out = torch.empty_like(q) if out is None else out
-    num_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
+    num_heads, num_kv_heads = q.shape[1], cache_dims(k_cache)[0]
     group = num_heads // num_kv_heads
     starts = cu_seqlens_q.tolist()
     for s, seq_len in enumerate(seq_lens.tolist()):
@@ -81,20 +85,26 @@ def dot_types(q: torch.Tensor) -> tuple[bool, str]:
 
 
 @triton.jit
-def attend_kv_tile(q, acc, l_i, m_i, k_base, v_base, table, pos, pos_mask, d_mask, visible, qk_scale,
-                   stride_kb, stride_ks, stride_vb, stride_vs,
-                   BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+def attend_kv_tile(q, acc, l_i, m_i, k_base, ks_base, kz_base, k_shift, v_base, vs_base, vz_base, v_shift,
+                   table, pos, pos_mask, d_mask, visible, qk_scale,
+                   stride_kb, stride_ks, stride_ksb, stride_kss, stride_vb, stride_vs, stride_vsb, stride_vss,
+                   BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
+                   K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_GROUP: tl.constexpr,
+                   V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr):
     """Fold the cached tokens at positions pos (one tile) into the online softmax (acc, l_i, m_i).
 
-    q: [M, D] in the dot dtype; k_base/v_base point at (kv_head, dim) and are offset here by each
-    token's page (from the block table) and row within the page. pos_mask guards the loads; with MASKED,
-    visible ([M, N] or broadcastable) decides which scores count. Scores are in the log2 domain.
+    q: [M, D] in the dot dtype; k_base/v_base (and the scale/zero-point bases of a quantized operand, see
+    kv_quant.operand_bases) point at (kv_head, dim) and are offset here by each token's page (from the block
+    table) and row within the page; a quantized tile is dequantized in registers. pos_mask guards the loads;
+    with MASKED, visible ([M, N] or broadcastable) decides which scores count. Scores are in the log2 domain.
     """
     page = tl.load(table + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
     row = pos % BLOCK_SIZE
     kv_mask = pos_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_base + page[:, None] * stride_kb + row[:, None] * stride_ks, mask=kv_mask, other=0.0)
-    v = tl.load(v_base + page[:, None] * stride_vb + row[:, None] * stride_vs, mask=kv_mask, other=0.0)
+    k = load_operand(k_base, ks_base, kz_base, k_shift, page, row, kv_mask, stride_kb, stride_ks, stride_ksb,
+                     stride_kss, K_KIND, K_BITS, K_AXIS, K_GROUP)
+    v = load_operand(v_base, vs_base, vz_base, v_shift, page, row, kv_mask, stride_vb, stride_vs, stride_vsb,
+                     stride_vss, V_KIND, V_BITS, V_AXIS, V_GROUP)
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
@@ -123,14 +133,17 @@ def _find_sequence(CuSeqlensQ, num_seqs, slot, BLOCK_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_seqs", "num_slots", "stride_bt"])
 def _prefill_kernel(
-        Q, KCache, VCache, CuSeqlensQ, SeqLens, BlockTables, Out, qk_scale, num_seqs, num_slots,
+        Q, KCache, KScale, KZero, VCache, VScale, VZero, CuSeqlensQ, SeqLens, BlockTables, Out, qk_scale,
+        num_seqs, num_slots,
         stride_qt, stride_qh, stride_qd,
-        stride_kb, stride_kh, stride_ks, stride_kd,
-        stride_vb, stride_vh, stride_vs, stride_vd,
+        stride_kb, stride_kh, stride_ks, stride_kd, stride_ksb, stride_ksh, stride_kss, stride_ksc,
+        stride_vb, stride_vh, stride_vs, stride_vd, stride_vsb, stride_vsh, stride_vss, stride_vsc,
         stride_bt, stride_ot, stride_oh, stride_od,
         NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_GROUP: tl.constexpr,
+        V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr):
     """One program: BLOCK_M queries of one head of one sequence.
 
     Programs are numbered (tile slot, head) with head fastest, so the heads of one GQA group run side by side
@@ -161,8 +174,10 @@ def _prefill_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
     kv_head = head // GROUP
-    k_base = KCache + kv_head * stride_kh + offs_d[None, :] * stride_kd
-    v_base = VCache + kv_head * stride_vh + offs_d[None, :] * stride_vd
+    k_base, ks_base, kz_base, k_shift = operand_bases(KCache, KScale, KZero, kv_head, offs_d, stride_kh, stride_kd,
+                                                      stride_ksh, stride_ksc, K_KIND, K_BITS, K_AXIS, K_GROUP)
+    v_base, vs_base, vz_base, v_shift = operand_bases(VCache, VScale, VZero, kv_head, offs_d, stride_vh, stride_vd,
+                                                      stride_vsh, stride_vsc, V_KIND, V_BITS, V_AXIS, V_GROUP)
     table = BlockTables + seq.to(tl.int64) * stride_bt
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -172,25 +187,31 @@ def _prefill_kernel(
     full_end = (context + tile * BLOCK_M) // BLOCK_N * BLOCK_N
     for tile_start in range(0, full_end, BLOCK_N):
         pos = tile_start + offs_n
-        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_base, v_base, table, pos, pos < seq_len, d_mask, None,
-                                       qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                       BLOCK_SIZE, DOT_PRECISION, False)
+        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_base, ks_base, kz_base, k_shift, v_base, vs_base,
+                                       vz_base, v_shift, table, pos, pos < seq_len, d_mask, None, qk_scale,
+                                       stride_kb, stride_ks, stride_ksb, stride_kss,
+                                       stride_vb, stride_vs, stride_vsb, stride_vss,
+                                       BLOCK_SIZE, DOT_PRECISION, False, K_KIND, K_BITS, K_AXIS, K_GROUP,
+                                       V_KIND, V_BITS, V_AXIS, V_GROUP)
     # The diagonal: causal mask. Key 0 is visible to every row, so no row's max stays -inf.
     kv_end = tl.minimum(context + (tile + 1) * BLOCK_M, seq_len)
     for tile_start in range(full_end, kv_end, BLOCK_N):
         pos = tile_start + offs_n
         pos_mask = pos < kv_end
         visible = (pos[None, :] <= q_pos[:, None]) & pos_mask[None, :]
-        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_base, v_base, table, pos, pos_mask, d_mask, visible,
-                                       qk_scale, stride_kb, stride_ks, stride_vb, stride_vs,
-                                       BLOCK_SIZE, DOT_PRECISION, True)
+        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_base, ks_base, kz_base, k_shift, v_base, vs_base,
+                                       vz_base, v_shift, table, pos, pos_mask, d_mask, visible, qk_scale,
+                                       stride_kb, stride_ks, stride_ksb, stride_kss,
+                                       stride_vb, stride_vs, stride_vsb, stride_vss,
+                                       BLOCK_SIZE, DOT_PRECISION, True, K_KIND, K_BITS, K_AXIS, K_GROUP,
+                                       V_KIND, V_BITS, V_AXIS, V_GROUP)
 
     out = acc / l_i[:, None]
     tl.store(Out + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
                              cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                              scale: float, max_query_len: int, out: torch.Tensor | None = None,
                              config: PrefillConfig | None = None) -> torch.Tensor:
@@ -206,18 +227,22 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     cfg = config or prefill_config(head_dim, q.dtype)
     dot_fp32, dot_precision = dot_types(q)
     num_slots = num_tokens // cfg.block_m + num_seqs        # enough for every sequence's tiles, no host sync
+    num_kv_heads, block_size = cache_dims(k_cache)
+    k_ptrs, k_strides, k_consts = kernel_args(k_cache, "K")
+    v_ptrs, v_strides, v_consts = kernel_args(v_cache, "V")
     _prefill_kernel[(num_slots * num_heads,)](
-        q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, out, scale * LOG2E, num_seqs, num_slots,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), block_tables.stride(0), *out.stride(),
-        NUM_HEADS=num_heads, GROUP=num_heads // k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[2],
+        q, *k_ptrs, *v_ptrs, cu_seqlens_q, seq_lens, block_tables, out, scale * LOG2E, num_seqs, num_slots,
+        *q.stride(), *k_strides, *v_strides, block_tables.stride(0), *out.stride(),
+        NUM_HEADS=num_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **k_consts, **v_consts)
     return out
 
 
-def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                      seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_query_len: int,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
+                      cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                      max_query_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
     if q.is_cuda:
         return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
                                         max_query_len, out)

@@ -3,34 +3,77 @@
 Layout [layers, blocks, kv_heads, block_size, head_dim]: within a block each head's tokens are contiguous,
 so a kernel reads one (block, head) tile as a single run of memory, and per-head paging (each KV head its
 own token count, for sparsity) can later split a block along the head axis without moving data. Keys and
-values are separate tensors so that each can get its own dtype / bit width (KV quantization).
+values are separate tensors so that each can get its own format (kv/formats.py): a quantized operand keeps
+packed codes in the same layout (head_dim * bits / 8 bytes a row) plus fp16 scale and zero-point tensors
+whose second axis is also the block id, so one block id addresses all of them and scrubbing a block zeroes
+its scales too.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ccserve.kernels.kv_quant import PagedCache, cache_shapes
+from ccserve.kv.formats import PRESETS, KVFormat, TensorFormat
+
+
+class _Operand:
+    """All layers of one of K or V: codes, and for a quantized format its scales and zero points."""
+
+    def __init__(self, fmt: TensorFormat, lead: tuple[int, int, int], block_size: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.fmt = fmt
+        codes, codes_dtype, scales = cache_shapes(fmt.kind, fmt.bits, fmt.axis, fmt.group, block_size, head_dim,
+                                                  dtype)
+        self.data = torch.zeros(*lead, *codes, dtype=codes_dtype, device=device)
+        self.scale = torch.zeros(*lead, *scales, dtype=torch.float16, device=device) if scales else None
+        self.zero = torch.zeros_like(self.scale) if fmt.kind == "int" else None
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.data, self.scale, self.zero) if t is not None]
+
+    def layer(self, i: int) -> torch.Tensor | PagedCache:
+        """Layer i's view: a plain tensor for the model dtype (today's kernels), else a PagedCache."""
+        if self.fmt.kind == "model":
+            return self.data[i]
+        zero = self.zero[i] if self.zero is not None else None
+        return PagedCache(self.data[i], self.scale[i], zero, self.fmt.kind, self.fmt.bits, self.fmt.axis,
+                          self.fmt.group)
+
 
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, block_size: int, head_dim: int, num_blocks: int,
-                 dtype: torch.dtype, device: torch.device, v_dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device, kv_format: KVFormat | None = None) -> None:
+        """kv_format must be resolved for this head_dim and block_size (KVFormat.resolve); None is bf16."""
         self.num_blocks = num_blocks
-        shape = (num_layers, num_blocks, num_kv_heads, block_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=v_dtype or dtype, device=device)
+        self.format = kv_format or PRESETS["bf16"]
+        lead = (num_layers, num_blocks, num_kv_heads)
+        self.keys = _Operand(self.format.key, lead, block_size, head_dim, dtype, device)
+        self.values = _Operand(self.format.value, lead, block_size, head_dim, dtype, device)
+        self.k, self.v = self.keys.data, self.values.data
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache owns (codes, scales, zero points of K and V): all indexed [layer, block, ...]."""
+        return self.keys.tensors + self.values.tensors
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in self.tensors)
 
     def bind(self, attn_layers: list[nn.Module]) -> None:
         """Give each attention layer its views of the cache."""
         for i, layer in enumerate(attn_layers):
-            layer.k_cache = self.k[i]
-            layer.v_cache = self.v[i]
+            layer.k_cache = self.keys.layer(i)
+            layer.v_cache = self.values.layer(i)
 
     def scrub(self, block_ids: list[int]) -> None:
-        """Zero the given blocks in every layer, keys and values, in two batched kernels."""
+        """Zero the given blocks in every layer: codes, scales and zero points of keys and values, one batched
+        kernel per tensor."""
         idx = torch.tensor(block_ids, dtype=torch.int64, device=self.k.device)
-        self.k.index_fill_(1, idx, 0)
-        self.v.index_fill_(1, idx, 0)
+        for t in self.tensors:
+            if t.dtype == torch.float8_e4m3fn:      # index_fill_ has no fp8 kernel: fill its bytes
+                t.view(torch.uint8).index_fill_(1, idx, 0)
+            else:
+                t.index_fill_(1, idx, 0)

@@ -100,7 +100,7 @@ FEATURES: tuple[Feature, ...] = (
             "every freed block (finished, aborted, failed, preempted) is zeroed in one batched operation before "
             "the next forward pass, quantized codes with their scales and zero points; no block reaches a new "
             "owner unscrubbed",
-            fields=("block_size", "num_gpu_blocks", "gpu_memory_utilization"), enabled=_always),
+            fields=("block_size", "num_gpu_blocks", "gpu_memory_utilization", "kv_format"), enabled=_always),
     Feature("continuous batching scheduler", "T",
             "a scheduler that orders, admits or preempts by user, content or predicted length lets an attacker "
             "steer a target's requests",
