@@ -8,6 +8,7 @@ from ccserve.kernels.kv_quant import PagedCache, dequantize_blocks_ref
 from ccserve.kernels.kv_store import store_kv_ref
 from ccserve.kv.cache import KVCache
 from ccserve.kv.formats import PRESETS, KVFormat, TensorFormat
+from tests.kernels.paged import shuffled_tables
 
 QUANTIZED = [name for name, f in PRESETS.items() if f.quantized]
 # Beyond the presets: token-axis keys (LeanKV's per-token scheme), channel groups shorter than a block,
@@ -40,14 +41,7 @@ def fill_paged(fmt: KVFormat, seq_lens: list[int], num_kv_heads: int, block_size
     """Quantized K/V caches holding seq_lens tokens per sequence over shuffled blocks, written in chunks of up to
     `chunk` tokens per sequence per step (all sequences in each step), so channel groups are extended across
     steps as in decode. Returns (k, v, block_tables)."""
-    per_seq = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(per_seq) + 3
-    ids = torch.randperm(num_blocks)
-    tables = torch.zeros(len(seq_lens), max(per_seq) + 1, dtype=torch.int32)
-    start = 0
-    for s, n in enumerate(per_seq):
-        tables[s, :n] = ids[start:start + n]
-        start += n
+    tables, num_blocks = shuffled_tables(seq_lens, block_size)
     _, k, v = make_cache(fmt, num_blocks, num_kv_heads, block_size, head_dim, dtype)
     done = [0] * len(seq_lens)
     while done != seq_lens:
