@@ -41,6 +41,8 @@ class _EngineCollector(Collector):
                                 value=self._num_unfinished())
         yield GaugeMetricFamily("ccserve_kv_blocks_free", "Free KV-cache blocks", value=s.num_free_blocks)
         yield GaugeMetricFamily("ccserve_kv_blocks_total", "KV-cache blocks", value=s.num_total_blocks)
+        yield GaugeMetricFamily("ccserve_kv_capacity_tokens", "Tokens the KV cache holds in its format (--kv-format)",
+                                value=s.kv_capacity_tokens)
 
 
 class ServerMetrics:

@@ -111,6 +111,7 @@ def test_models_health_metrics(server: LiveServer) -> None:
     assert metric(text, "ccserve_requests_total", endpoint="completions", outcome="length") >= 1
     assert metric(text, "ccserve_generation_tokens_total") >= 3
     assert metric(text, "ccserve_kv_blocks_total") == 48
+    assert metric(text, "ccserve_kv_capacity_tokens") == 48 * server.engine.config.block_size
     assert metric(text, "ccserve_time_to_first_token_seconds_count") >= 1
 
 
