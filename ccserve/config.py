@@ -11,6 +11,8 @@ from ccserve.kv.formats import kv_format as _kv_format
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PRIVACY_POLICIES = ("pcc", "open")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+CC_MODES = ("off", "naive", "pipelined")
+PREEMPTION_MODES = ("recompute", "swap", "auto")
 
 
 @dataclass
@@ -25,6 +27,12 @@ class EngineConfig:
     privacy names the policy the settings are judged by (ccserve/privacy/): "pcc" refuses settings that
     break a Private Cloud Compute rule, "open" allows them and `ccserve audit` reports the threat.
     kv_format names how keys and values are stored (ccserve/kv/formats.py): "bf16" is the model's dtype.
+    cc (docs/cc.md) sends every host<->device transfer of the engine through the encrypted channel
+    (ccserve/secure/): "off" copies in the clear, "naive" seals on demand, "pipelined" seals predicted transfers
+    ahead on cc_threads workers. preemption_mode picks what happens to a preempted request's KV: "recompute"
+    drops it, "swap" moves it through the channel to host memory as ciphertext under the request's own key
+    (needs cc), "auto" swaps when cc is on and the request has at least swap_threshold_tokens computed tokens
+    (re-running a long prefill costs more than moving its blocks twice), else recomputes.
     """
 
     model: str
@@ -44,6 +52,10 @@ class EngineConfig:
     num_decode_steps: int = 8
     kv_format: str = "bf16"
     privacy: str = "pcc"
+    cc: str = "off"
+    cc_threads: int = 4
+    preemption_mode: str = "auto"
+    swap_threshold_tokens: int = 256
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -79,6 +91,30 @@ class EngineConfig:
         _kv_format(self.kv_format)      # raises naming --kv-format and the choices
         if self.privacy not in PRIVACY_POLICIES:
             raise ValueError(f"privacy must be 'pcc' (the default) or 'open', got {self.privacy!r}")
+        if self.cc not in CC_MODES:
+            raise ValueError(f"cc must be one of {', '.join(CC_MODES)} (--cc), got {self.cc!r}")
+        if not 1 <= self.cc_threads <= 256:
+            raise ValueError(f"cc_threads must be in [1, 256], got {self.cc_threads}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {', '.join(PREEMPTION_MODES)}, "
+                             f"got {self.preemption_mode!r}")
+        if self.preemption_mode == "swap" and self.cc == "off":
+            raise ValueError("preemption_mode 'swap' moves KV to host memory, which needs the encrypted channel: "
+                             "add --cc naive or --cc pipelined, or use --preemption-mode recompute")
+        if self.swap_threshold_tokens < 1:
+            raise ValueError(f"swap_threshold_tokens must be >= 1, got {self.swap_threshold_tokens}")
+
+    @property
+    def swap_enabled(self) -> bool:
+        """Whether preemption may swap KV out (else it always recomputes)."""
+        return self.cc != "off" and self.preemption_mode in ("swap", "auto")
+
+    @property
+    def swap_threshold(self) -> int | None:
+        """Computed tokens from which a preempted request swaps instead of recomputing; None: it never swaps."""
+        if not self.swap_enabled:
+            return None
+        return 1 if self.preemption_mode == "swap" else self.swap_threshold_tokens
 
     @property
     def torch_device(self) -> torch.device:

@@ -12,9 +12,13 @@ from ccserve.engine.model_runner import DecodeWindow, ModelRunner
 from ccserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from ccserve.engine.scheduler import ScheduledBatch, Scheduler
 from ccserve.engine.sequence import Sequence, SequenceStatus
+from ccserve.engine.swapper import KVSwapper
 from ccserve.kv.block_pool import BlockPool
 from ccserve.layers.sampler import SamplerOutput
 from ccserve.sampling_params import SamplingParams
+from ccserve.secure import IntegrityError
+
+SWAP_PREFETCH_DEPTH = 2    # swapped requests sealed ahead (pipelined mode)
 
 
 class LLMEngine:
@@ -30,7 +34,10 @@ class LLMEngine:
             raise ValueError(f"the KV cache holds {capacity} tokens, less than max_model_len {self.max_model_len}: "
                              "lower max_model_len or give the cache more memory")
         self.pool = BlockPool(self.runner.num_blocks)
-        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens)
+        self.swapper = (KVSwapper(self.runner.boundary, self.runner.kv_cache, config.cc_threads)
+                        if config.swap_enabled else None)
+        self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.swap_threshold)
         self.eos_token_ids = eos_ids(self.runner.hf_config, self.tokenizer)
         self.requests: dict[str, Sequence] = {}
         self.prompt_tokens_total = 0
@@ -66,7 +73,7 @@ class LLMEngine:
         seq = self.requests.pop(request_id, None)
         if seq is None or seq.finished:
             return
-        self.scheduler.finish(seq, "abort")
+        self._finish(seq, "abort")
         self.runner.scrub(self.pool.take_blocks_to_scrub())
         self._drop_finished_window()
 
@@ -89,30 +96,76 @@ class LLMEngine:
         if self._window is not None:
             return self._finish_window(self._window)
         batch = self.scheduler.schedule()
+        if batch.swap_out:
+            self._swap_out(batch)
         # Blocks freed by preemption inside schedule() may already belong to a new owner: zero them now,
         # before this step writes the new owner's keys and values into them.
         self.runner.scrub(self.pool.take_blocks_to_scrub())
+        if batch.swap_in:
+            self._swap_in(batch)
+        if self.swapper is not None:
+            self._prefetch_swap_ins()
         if batch.empty:
             return []
         steps = self._decode_steps(batch)
         if steps > 1:
             try:
                 window = self.runner.execute_decodes(batch.decodes, steps)
-            except Exception:
-                self._fail(batch.decodes)
+            except Exception as exc:
+                self._fail(batch.decodes, exc)
                 raise
             return self._finish_window(window)
         try:
             seqs, sampled = self.runner.execute(batch)
-        except Exception:
-            self._fail([seq for seq, _ in batch.items()])
+            if sampled is not None:
+                fetch = self.runner.boundary.to_host
+                tokens = fetch(sampled.token_ids).tolist()
+                logprobs = [_logprob_rows(sampled, len(seqs), fetch)] if sampled.logprobs is not None else None
+        except Exception as exc:
+            self._fail([seq for seq, _ in batch.items()], exc)
             raise
         for seq, n in batch.items():
             seq.num_computed_tokens += n
         if sampled is not None:
-            logprobs = [_logprob_rows(sampled, len(seqs))] if sampled.logprobs is not None else None
-            self._apply(seqs, [[t] for t in sampled.token_ids.tolist()], logprobs)
+            self._apply(seqs, [[t] for t in tokens], logprobs)
         return self._outputs(seqs)
+
+    # ---- encrypted KV swap -----------------------------------------------------------------------------
+
+    def _swap_out(self, batch: ScheduledBatch) -> None:
+        """Move preempted requests' KV to the host store; a request whose KV cannot leave intact ends."""
+        for seq, block_ids in batch.swap_out:
+            try:
+                self.swapper.swap_out(seq, block_ids)
+            except IntegrityError as exc:
+                self._fail([seq], exc)
+
+    def _swap_in(self, batch: ScheduledBatch) -> None:
+        """Bring swapped requests' KV back; a request whose stored or transferred KV fails authentication ends
+        (reason "error") and leaves the batch, the others run."""
+        failed = []
+        for seq, block_ids in batch.swap_in:
+            try:
+                self.swapper.swap_in(seq, block_ids)
+            except IntegrityError as exc:
+                failed.append(seq)
+                self._fail([seq], exc)
+        if failed:
+            batch.decodes = [s for s in batch.decodes if not s.finished]
+            batch.prefills = [(s, n) for s, n in batch.prefills if not s.finished]
+
+    def _prefetch_swap_ins(self) -> None:
+        """Tell the swapper which swapped requests the scheduler brings back next (the front of the waiting
+        queue, where preempted requests wait), so pipelined mode seals them ahead."""
+        upcoming = []
+        for seq in self.scheduler.waiting:
+            if seq.num_computed_tokens == 0:
+                break
+            upcoming.append(seq)
+            if len(upcoming) == SWAP_PREFETCH_DEPTH:
+                break
+        if upcoming:
+            self.swapper.prefetch(upcoming)
 
     def _finish_window(self, window: DecodeWindow) -> list[RequestOutput]:
         """Enqueue the window that continues this one (when that is safe) before reading this one, so the
@@ -120,18 +173,19 @@ class LLMEngine:
         self._window = None
         try:
             self._window = self._continuation(window)
-        except Exception:
-            self._fail(window.seqs)
+            rows = window.token_rows()
+        except Exception as exc:
+            self._fail(window.seqs, exc)
             raise
         live = [i for i, s in enumerate(window.seqs) if not s.finished]
         seqs = [window.seqs[i] for i in live]
-        rows = window.token_rows()
         for seq in seqs:
             seq.num_computed_tokens += 1          # the window's first input token
         logprobs = None
         if window.wants_logprobs:
             logprobs = [[step[i] for i in live] for step in
-                        (_logprob_rows(out, len(window.seqs)) for out in window.outputs)]
+                        (_logprob_rows(out, len(window.seqs), self.runner.boundary.to_host)
+                         for out in window.outputs)]
         self._apply(seqs, [rows[i] for i in live], logprobs)
         self._drop_finished_window()
         return self._outputs(seqs)
@@ -206,7 +260,7 @@ class LLMEngine:
                     lp, top = step[b]
                     seq.logprobs.append(TokenLogprob(token, lp, dict(top[:seq.params.logprobs])))
             if reason is not None:
-                self.scheduler.finish(seq, reason)
+                self._finish(seq, reason)
                 self.requests.pop(seq.request_id, None)
 
     def _accept(self, seq: Sequence, row: list[int]) -> tuple[list[int], str | None]:
@@ -245,12 +299,23 @@ class LLMEngine:
             new_token_ids=new_ids, new_text=new_text, finished=seq.finished, finish_reason=seq.finish_reason,
             logprobs=seq.logprobs, new_logprobs=new_lps)
 
-    def _fail(self, seqs: list[Sequence]) -> None:
-        """A failed step ends the requests it carried (and frees their blocks); others keep going."""
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """End a request: free (and later scrub) its blocks, and shred whatever of it rests on the host."""
+        self.scheduler.finish(seq, reason)
+        if self.swapper is not None:
+            self.swapper.end(seq)
+
+    def _fail(self, seqs: list[Sequence], exc: BaseException | None = None) -> None:
+        """A failed step ends the requests it carried (and frees their blocks); others keep going. After an
+        integrity failure (a message altered on the wire) nothing of the message was released and the channel
+        is re-keyed, so the next step runs on fresh keys."""
+        reason = "error" if isinstance(exc, IntegrityError) else "abort"
         for seq in seqs:
             if seq.status is not SequenceStatus.FINISHED:
-                self.scheduler.finish(seq, "abort")
+                self._finish(seq, reason)
                 self.requests.pop(seq.request_id, None)
+        self.runner.boundary.reset_if_failed()
+        self._drop_finished_window()
         self.runner.scrub(self.pool.take_blocks_to_scrub())
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -284,12 +349,13 @@ def eos_ids(hf_config, tokenizer) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _logprob_rows(sampled: SamplerOutput, n: int) -> list[tuple[float, list[tuple[int, float]]] | None]:
-    """Per-row (sampled logprob, [(top id, top logprob), ...]) in one device->host copy each."""
+def _logprob_rows(sampled: SamplerOutput, n: int, fetch) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    """Per-row (sampled logprob, [(top id, top logprob), ...]) in one device->host transfer each (`fetch`: the
+    runner's boundary, a sealed message under cc)."""
     if sampled.logprobs is None:
         return [None] * n
-    lps = sampled.logprobs.tolist()
+    lps = fetch(sampled.logprobs).tolist()
     if sampled.top_ids is None:
         return [(lp, []) for lp in lps]
-    ids, vals = sampled.top_ids.tolist(), sampled.top_logprobs.tolist()
+    ids, vals = fetch(sampled.top_ids).tolist(), fetch(sampled.top_logprobs).tolist()
     return [(lp, list(zip(i, v))) for lp, i, v in zip(lps, ids, vals)]

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ccserve.config import EngineConfig
+from ccserve.engine.boundary import Boundary
 from ccserve.engine.scheduler import ScheduledBatch
 from ccserve.engine.sequence import Sequence
 from ccserve.kv.cache import KVCache
@@ -15,6 +16,7 @@ from ccserve.kv.formats import kv_format
 from ccserve.layers.attention import Attention, AttentionMetadata
 from ccserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from ccserve.models.loader import load_model
+from ccserve.secure import PendingHost
 
 CPU_KV_CACHE_BYTES = 2 << 30
 GPU_MEMORY_MARGIN_BYTES = 512 << 20
@@ -33,12 +35,17 @@ class DecodeWindow:
     outputs: list[SamplerOutput]
     last_ids: torch.Tensor          # [B] the last step's sampled tokens: the next window's inputs
     last_positions: torch.Tensor    # [B] the positions of the last step's inputs
-    host_tokens: torch.Tensor       # [B, steps] int64, filled by the copy
+    host_tokens: torch.Tensor | None    # [B, steps] int64, filled by the copy
     copied: torch.cuda.Event | None
+    sealed: PendingHost | None = None   # cc mode: the tokens as one sealed message instead
 
     @classmethod
-    def start(cls, seqs: list[Sequence], outputs: list[SamplerOutput], last_positions: torch.Tensor) -> DecodeWindow:
+    def start(cls, seqs: list[Sequence], outputs: list[SamplerOutput], last_positions: torch.Tensor,
+              boundary: Boundary) -> DecodeWindow:
         tokens = torch.stack([o.token_ids for o in outputs], dim=1)
+        if boundary.cc:
+            return cls(seqs, outputs, outputs[-1].token_ids, last_positions, None, None,
+                       boundary.to_host_async(tokens))
         if not tokens.is_cuda:
             return cls(seqs, outputs, outputs[-1].token_ids, last_positions, tokens, None)
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -56,7 +63,10 @@ class DecodeWindow:
         return self.outputs[0].logprobs is not None
 
     def token_rows(self) -> list[list[int]]:
-        """Each row's sampled tokens, one per step (waits for this window's copy to land)."""
+        """Each row's sampled tokens, one per step (waits for this window's copy to land; under cc, verifies
+        and decrypts them: raises IntegrityError if the message was altered)."""
+        if self.sealed is not None:
+            return self.sealed.result().tolist()
         if self.copied is not None:
             self.copied.synchronize()
         return self.host_tokens.tolist()
@@ -71,6 +81,7 @@ class StepInputs:
     meta: AttentionMetadata
     sample_indices: torch.Tensor
     sampling_seqs: list[Sequence]
+    sampling: SamplingBatch | None = None   # cc mode: came over in the step's message
 
 
 class ModelRunner:
@@ -89,6 +100,7 @@ class ModelRunner:
         self.max_model_len = resolve_max_model_len(config, self.hf_config)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
         self.sampler = Sampler()
+        self.boundary = Boundary(config, self.device)
         layer = self.attn_layers[0]
         self.kv_shape = (len(self.attn_layers), layer.num_kv_heads, self.block_size, layer.head_dim)
         self.kv_format = kv_format(config.kv_format).resolve(layer.head_dim, self.block_size)
@@ -117,7 +129,7 @@ class ModelRunner:
         if not inputs.sampling_seqs:
             return [], None
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        batch_params = SamplingBatch.build([s.params for s in inputs.sampling_seqs], self.device)
+        batch_params = inputs.sampling or SamplingBatch.build([s.params for s in inputs.sampling_seqs], self.device)
         positions = inputs.positions[inputs.sample_indices]
         return inputs.sampling_seqs, self.sampler(logits, batch_params, positions)
 
@@ -131,7 +143,7 @@ class ModelRunner:
         batch = ScheduledBatch(decodes=seqs)
         inputs = self._prepare(batch) if after is None else self._continue(seqs, after)
         meta = inputs.meta
-        sampling = SamplingBatch.build([s.params for s in seqs], self.device)
+        sampling = inputs.sampling or SamplingBatch.build([s.params for s in seqs], self.device)
         outputs: list[SamplerOutput] = []
         for step in range(steps):
             if step:
@@ -141,15 +153,16 @@ class ModelRunner:
                 inputs = replace(inputs, input_ids=outputs[-1].token_ids, positions=positions, meta=meta)
             hidden = self._forward(inputs, batch)
             outputs.append(self.sampler(self.model.compute_logits(hidden), sampling, inputs.positions))
-        return DecodeWindow.start(seqs, outputs, inputs.positions)
+        return DecodeWindow.start(seqs, outputs, inputs.positions, self.boundary)
 
     def _continue(self, seqs: list[Sequence], after: DecodeWindow) -> StepInputs:
         """The first step's inputs of a window that follows `after` on the device, for the rows of `seqs`
         (a subset of after.seqs, in order); block tables come from the host, which has grown them."""
         row_of = {id(s): i for i, s in enumerate(after.seqs)}
-        rows = _to(np.asarray([row_of[id(s)] for s in seqs], dtype=np.int64), self.device)
+        arrays = [np.asarray([row_of[id(s)] for s in seqs], dtype=np.int64), _pad_tables([s.block_ids for s in seqs])]
+        sampling = self._host_sampling(seqs, arrays)
+        rows, tables, *rest = self.boundary.to_device(arrays)
         positions = after.last_positions[rows] + 1
-        tables = _to(_pad_tables([s.block_ids for s in seqs]), self.device)
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=self._slots(tables, positions), num_decode_tokens=len(seqs),
@@ -157,7 +170,8 @@ class ModelRunner:
             prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
             prefill_seq_lens=torch.zeros(0, dtype=torch.int32, device=dev),
             prefill_block_tables=torch.zeros(0, 1, dtype=torch.int32, device=dev))
-        return StepInputs(after.last_ids[rows], positions, meta, torch.arange(len(seqs), device=dev), list(seqs))
+        return StepInputs(after.last_ids[rows], positions, meta, torch.arange(len(seqs), device=dev), list(seqs),
+                          _device_sampling(sampling, rest))
 
     def _slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Cache slot of each row's token at `positions`, looked up on the device."""
@@ -202,22 +216,30 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 sample_idx.append(offset - 1)
                 sampling.append(seq)
-        nd, dev = len(decodes), self.device
+        nd = len(decodes)
         tables = [s.block_ids for s in decodes] + [s.block_ids for s, _ in batch.prefills]
         cu_q = np.zeros(len(batch.prefills) + 1, dtype=np.int32)
         np.cumsum([n for _, n in batch.prefills], out=cu_q[1:])
+        arrays = [np.concatenate(slot_arrays), np.asarray(seq_lens[:nd], dtype=np.int32), _pad_tables(tables[:nd]),
+                  cu_q, np.asarray(seq_lens[nd:], dtype=np.int32), _pad_tables(tables[nd:]),
+                  np.asarray(ids, dtype=np.int64), np.concatenate(pos_arrays), np.asarray(sample_idx, dtype=np.int64)]
+        host_sampling = self._host_sampling(sampling, arrays)
+        slots, d_lens, d_tables, cu, p_lens, p_tables, ids_t, pos_t, idx_t, *rest = self.boundary.to_device(arrays)
         meta = AttentionMetadata(
-            slot_mapping=_to(np.concatenate(slot_arrays), dev),
-            num_decode_tokens=nd,
-            decode_seq_lens=_to(np.asarray(seq_lens[:nd], dtype=np.int32), dev),
-            decode_block_tables=_to(_pad_tables(tables[:nd]), dev),
-            prefill_cu_seqlens_q=_to(cu_q, dev),
-            prefill_seq_lens=_to(np.asarray(seq_lens[nd:], dtype=np.int32), dev),
-            prefill_block_tables=_to(_pad_tables(tables[nd:]), dev),
+            slot_mapping=slots, num_decode_tokens=nd, decode_seq_lens=d_lens, decode_block_tables=d_tables,
+            prefill_cu_seqlens_q=cu, prefill_seq_lens=p_lens, prefill_block_tables=p_tables,
             max_prefill_query_len=max((n for _, n in batch.prefills), default=0),
         )
-        return StepInputs(_to(np.asarray(ids, dtype=np.int64), dev), _to(np.concatenate(pos_arrays), dev), meta,
-                          _to(np.asarray(sample_idx, dtype=np.int64), dev), sampling)
+        return StepInputs(ids_t, pos_t, meta, idx_t, sampling, _device_sampling(host_sampling, rest))
+
+    def _host_sampling(self, seqs: list[Sequence], arrays: list[np.ndarray]) -> SamplingBatch | None:
+        """Under cc, the step's sampling settings travel in its one message: build them on the host and append
+        their arrays to `arrays`. With cc off they are built on the device later, as always (None)."""
+        if not self.boundary.cc or not seqs:
+            return None
+        host = SamplingBatch.build([s.params for s in seqs], "cpu")
+        arrays.extend(getattr(host, f).numpy() for f in SAMPLING_TENSORS)
+        return host
 
     # ---- CUDA graphs for decode batches ----------------------------------------------------------------
 
@@ -338,6 +360,16 @@ def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
     return config.max_model_len
 
 
+SAMPLING_TENSORS = ("temperatures", "top_k", "top_p", "min_p", "greedy", "seeds")
+
+
+def _device_sampling(host: SamplingBatch | None, tensors: list[torch.Tensor]) -> SamplingBatch | None:
+    """The host-built SamplingBatch with its tensors replaced by their device copies from the step message."""
+    if host is None:
+        return None
+    return replace(host, **dict(zip(SAMPLING_TENSORS, tensors)))
+
+
 def _pad_tables(tables: list[list[int]]) -> np.ndarray:
     width = max((len(t) for t in tables), default=1)
     out = np.zeros((len(tables), max(width, 1)), dtype=np.int32)
@@ -345,9 +377,3 @@ def _pad_tables(tables: list[list[int]]) -> np.ndarray:
         row[:len(t)] = t
     return out
 
-
-def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor

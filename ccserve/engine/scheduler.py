@@ -3,8 +3,14 @@
 Each step, running sequences go first (oldest first), each taking the tokens it still needs (one for a
 decode, a chunk for a prefill) out of max_num_batched_tokens; waiting sequences are then admitted in
 arrival order while budget, sequence slots and KV blocks last. When blocks run out, the most recently
-admitted running sequence is preempted by recompute (its blocks freed, its tokens kept), so the oldest
+admitted running sequence is preempted (its blocks freed, its tokens kept, first in line again), so the oldest
 request always makes progress and none starves. Nothing is ordered by user or content: a privacy rule.
+
+Preemption either recomputes (drops the KV: the request prefills again) or swaps (the batch lists the victim's
+blocks in `swap_out`; the engine moves them to the host before they are scrubbed, and when the request is
+admitted again the batch lists its new blocks in `swap_in`). The rule is by size only: swap when the victim has
+at least swap_threshold computed tokens (re-running that prefill costs more than moving its blocks twice).
+A waiting sequence with computed tokens is a swapped one: its KV is on the host.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ class ScheduledBatch:
 
     decodes: list[Sequence] = field(default_factory=list)
     prefills: list[tuple[Sequence, int]] = field(default_factory=list)
+    swap_out: list[tuple[Sequence, list[int]]] = field(default_factory=list)   # before this step's scrub
+    swap_in: list[tuple[Sequence, list[int]]] = field(default_factory=list)    # after it, before the forward
 
     @property
     def num_tokens(self) -> int:
@@ -36,14 +44,18 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 swap_threshold: int | None = None) -> None:
+        """swap_threshold None: always recompute (no channel to swap through)."""
         self.pool = pool
+        self.swap_threshold = swap_threshold
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_swaps = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -53,6 +65,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
+        batch = ScheduledBatch()
         scheduled: list[tuple[Sequence, int]] = []
         preempted = False
         for seq in list(self.running):
@@ -62,7 +75,7 @@ class Scheduler:
             while not self._grow(seq, seq.num_computed_tokens + n):
                 preempted = True
                 victim = self.running[-1]
-                self._preempt(victim)
+                self._preempt(victim, batch)
                 if victim is seq:
                     break
             else:
@@ -73,12 +86,13 @@ class Scheduler:
             n = min(seq.num_uncomputed_tokens, budget)
             if not self._admissible(seq, n) or not self._grow(seq, seq.num_computed_tokens + n):
                 break
+            if seq.num_computed_tokens:     # swapped out: its KV comes back into its first new blocks
+                batch.swap_in.append((seq, seq.block_ids[:self._blocks_held(seq)]))
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append((seq, n))
             budget -= n
-        batch = ScheduledBatch()
         for seq, n in scheduled:
             if n == 1:
                 batch.decodes.append(seq)
@@ -126,11 +140,19 @@ class Scheduler:
         seq.block_ids.extend(self.pool.allocate(need))
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: drop the KV, keep the tokens, put it first in line again."""
+    def _blocks_held(self, seq: Sequence) -> int:
+        """Blocks holding seq's computed tokens (what a swap moves)."""
+        return -(-seq.num_computed_tokens // self.block_size)
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        """Drop the KV (recompute) or list it for swap-out; keep the tokens, put it first in line again."""
         self.running.remove(seq)
+        if self.swap_threshold is not None and seq.num_computed_tokens >= self.swap_threshold:
+            batch.swap_out.append((seq, seq.block_ids[:self._blocks_held(seq)]))
+            self.num_swaps += 1
+        else:
+            seq.num_computed_tokens = 0
         self._release(seq)
-        seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -77,3 +77,27 @@ class KVCache:
                 t.view(torch.uint8).index_fill_(1, idx, 0)
             else:
                 t.index_fill_(1, idx, 0)
+
+    def block_bytes(self) -> int:
+        """Bytes of one block across every tensor and layer: what swapping one block moves."""
+        return sum(t.nbytes // t.shape[1] for t in self.tensors)
+
+    def gather(self, block_ids: list[int]) -> torch.Tensor:
+        """The given blocks of every tensor (codes, scales, zero points of K and V, all layers) as ONE flat
+        uint8 tensor, so a swap crosses the boundary as one message; quantized formats stay compressed."""
+        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.k.device)
+        return torch.cat([t.view(torch.uint8).index_select(1, idx).reshape(-1) for t in self.tensors])
+
+    def scatter(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Write what gather() returned for as many blocks back into `block_ids` (which may differ)."""
+        if data.numel() != len(block_ids) * self.block_bytes():
+            raise ValueError(f"swap-in data has {data.numel()} bytes, {len(block_ids)} blocks need "
+                             f"{len(block_ids) * self.block_bytes()}: it was gathered from another cache format")
+        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.k.device)
+        offset = 0
+        for t in self.tensors:
+            raw = t.view(torch.uint8)
+            shape = (raw.shape[0], len(block_ids), *raw.shape[2:])
+            n = shape[0] * len(block_ids) * (raw[0, 0].numel())
+            raw.index_copy_(1, idx, data[offset:offset + n].view(shape))
+            offset += n

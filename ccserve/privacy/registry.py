@@ -148,13 +148,20 @@ FEATURES: tuple[Feature, ...] = (
             "under pcc the listener stays on loopback, so only processes on this machine reach it",
             fields=("attest",), enabled=lambda s: s.server is not None and not s.server.attest,
             alternative="--attest (evidence at /attestation, sealed requests; docs/attest.md)"),
+    Feature("host<->GPU transfers in the clear", "S",
+            "with --cc off each step's token ids, positions, block tables and sampled tokens cross the bus in "
+            "plaintext, readable by the host where the GPU is not in confidential-computing mode",
+            "none (with --cc naive or pipelined every transfer is one AES-GCM message each way per step, "
+            "authenticated under per-process keys; docs/cc.md)",
+            fields=("cc", "cc_threads"), enabled=lambda s: s.config.cc == "off"),
+    Feature("KV swap to host", "S", "a preempted request's KV leaves the GPU for host memory",
+            "it crosses only through the encrypted channel and rests as ciphertext under the request's own key, "
+            "destroyed (crypto-shredded) when the request ends; its GPU blocks are scrubbed; swap needs --cc",
+            fields=("preemption_mode", "swap_threshold_tokens"), enabled=lambda s: s.config.swap_enabled),
     # ---- not in ccserve: what a future implementation must put in force --------------------------------
     Feature("prefix caching", "SE", "one request's KV outlives it and can be inferred by others sharing the cache",
             "when built: off under pcc except operator-declared public prefixes; per-tenant with expiry under "
             "open", present=False),
-    Feature("KV swap to host", "S", "a request's KV leaves the GPU for host memory",
-            "when built: ciphertext under the request's own channel key, destroyed when the request ends",
-            present=False),
     Feature("disk offload", "SE", "a request's KV lands on storage that outlives the request",
             "when built: ciphertext under a per-request key that is destroyed at the end (crypto-shredding)",
             present=False),

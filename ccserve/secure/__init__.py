@@ -2,7 +2,7 @@
 
 Lower layer: knows nothing of models, requests or the engine; callers name transfers with opaque keys.
 """
-from ccserve.secure.channel import Channel, ChannelStats, Sealed
+from ccserve.secure.channel import Channel, ChannelStats, PendingHost, Sealed
 from ccserve.secure.cpu_crypto import WorkerPool
 from ccserve.secure.errors import ChannelClosed, IntegrityError, OwnerEnded
 from ccserve.secure.host_store import HostStore
@@ -20,6 +20,6 @@ from ccserve.secure.predictor import (
 
 __all__ = [
     "Channel", "ChannelClosed", "ChannelStats", "Cycle", "CyclicPredictor", "FifoPredictor", "Forget", "Hint",
-    "HostStore", "IntegrityError", "OwnerEnded", "Predictor", "Schedule", "SchedulePredictor", "Sealed", "SwapOut",
+    "HostStore", "IntegrityError", "OwnerEnded", "PendingHost", "Predictor", "Schedule", "SchedulePredictor", "Sealed", "SwapOut",
     "WorkerPool",
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
+from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -61,6 +62,19 @@ class Sealed:
 
 
 @dataclass
+class PendingHost:
+    """A device->host message on its way (Channel.to_host_async): `result()` gives the verified plaintext."""
+
+    channel: Channel
+    sealed: Sealed | None
+    event: torch.cuda.Event | None
+    out: torch.Tensor | None = None
+
+    def result(self) -> torch.Tensor:
+        return self.channel._collect(self)
+
+
+@dataclass
 class ChannelStats:
     h2d_bytes: int = 0
     d2h_bytes: int = 0
@@ -94,6 +108,7 @@ class Channel:
         self._sources: dict[Hashable, weakref.ref] = {}
         self._closed = False
         self._failed = False
+        self._unread: deque[PendingHost] = deque()
         self.pipeline: Pipeline | None = None
         if mode == "off":
             return
@@ -182,13 +197,41 @@ class Channel:
         """Device half of to_device: verify, then decrypt, with the receiver's own next IVs."""
         return self._open_h2d(sealed)
 
+    def to_host_async(self, src: torch.Tensor) -> PendingHost:
+        """Start moving a device tensor to ordinary host memory without waiting for the device: it is sealed on
+        the channel's stream after the work that produces it; `result()` waits for that message only, then
+        verifies and decrypts it. Messages are opened in the order they were started (lock-step IVs), so reading
+        a later one first opens, and drops, any earlier one nobody read."""
+        self._check_open()
+        if self.mode == "off":
+            return PendingHost(self, None, None, src.to("cpu"))
+        self.stats.d2h_bytes += src.nbytes
+        sealed, event = self._seal_d2h(src, wait=False)
+        pending = PendingHost(self, sealed, event)
+        self._unread.append(pending)
+        return pending
+
+    def _collect(self, pending: PendingHost) -> torch.Tensor:
+        while pending.out is None:
+            first = self._unread.popleft()
+            if first.event is not None:
+                first.event.synchronize()
+            first.out = self.open_d2h(first.sealed)
+            first.sealed = None
+        return pending.out
+
     def seal_d2h(self, src: torch.Tensor) -> Sealed:
         """Device half of to_host: seal on the device, copy the wire to a pinned host buffer."""
+        return self._seal_d2h(src, wait=True)[0]
+
+    def _seal_d2h(self, src: torch.Tensor, wait: bool) -> tuple[Sealed, torch.cuda.Event | None]:
         self._check_open()
         nbytes = src.nbytes
         counter = self._send[Lane.D2H].take(num_chunks(nbytes, self.chunk_bytes))
+        event = None
         if self._cuda:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))  # src is produced there
+            src.record_stream(self._stream)  # the caller may free src before this stream has read it
         with self._on_stream():
             plain = src.detach().contiguous().reshape(-1).view(torch.uint8)
             if plain.numel() % 16:
@@ -200,9 +243,13 @@ class Channel:
             if self._cuda:
                 host = alloc_wire(nbytes, self.chunk_bytes, "cpu", pin=True)
                 host.copy_(wire, non_blocking=True)
-                self._stream.synchronize()
+                if wait:
+                    self._stream.synchronize()
+                else:
+                    event = torch.cuda.Event()
+                    event.record(self._stream)
                 wire = host
-        return Sealed(wire, nbytes, Lane.D2H, src.shape, src.dtype)
+        return Sealed(wire, nbytes, Lane.D2H, src.shape, src.dtype), event
 
     def open_d2h(self, sealed: Sealed) -> torch.Tensor:
         """Host half of to_host: verify and decrypt on the worker threads into ordinary memory."""
@@ -276,6 +323,11 @@ class Channel:
 
     def _on_stream(self):
         return torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext()
+
+    @property
+    def failed(self) -> bool:
+        """True once a message failed authentication: the channel is closed for good; open a new one."""
+        return self._failed
 
     def _check_open(self) -> None:
         if self._closed:

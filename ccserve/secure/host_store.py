@@ -80,6 +80,10 @@ class HostStore:
         del self._owner(owner).items[name]
         return out
 
+    def discard(self, owner: Hashable, name: Hashable) -> None:
+        """Drop an item without opening it (its plaintext was already taken)."""
+        self._owner(owner).items.pop(name, None)
+
     def ciphertext(self, owner: Hashable, name: Hashable) -> torch.Tensor:
         """The stored bytes of an item, as a dump of host memory (or a disk spill) would show them."""
         return self._owner(owner).items[name].wire
@@ -101,3 +105,11 @@ class HostStore:
 
     def __contains__(self, owner: Hashable) -> bool:
         return owner in self._owners
+
+    def __len__(self) -> int:
+        """Open owners (each holds a live key)."""
+        return len(self._owners)
+
+    @property
+    def num_items(self) -> int:
+        return sum(len(o.items) for o in list(self._owners.values()))

@@ -73,3 +73,38 @@ def test_no_leak_after_finish_and_abort():
     sched.finish(seqs[1], "abort")
     sched.finish(seqs[2], "length")
     assert pool.num_free == 20 and not sched.has_unfinished()
+
+
+def test_swap_preemption_keeps_progress_and_starves_nobody():
+    """With swap, a victim keeps its computed tokens; when admitted again the batch lists exactly the blocks
+    that hold them for swap-in, every request finishes, and the oldest running request never waits."""
+    pool = BlockPool(12)
+    sched = Scheduler(pool, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, swap_threshold=1)
+    seqs = [make_seq(i, n) for i, n in enumerate([9, 5, 7, 3, 6])]
+    for s in seqs:
+        sched.add(s)
+    swapped: dict[int, int] = {}     # id(seq) -> computed tokens when swapped out
+    for _ in range(400):
+        if not sched.has_unfinished():
+            break
+        oldest = sched.running[0] if sched.running else None
+        before = oldest.num_computed_tokens if oldest else 0
+        batch = sched.schedule()
+        for seq, blocks in batch.swap_out:
+            assert seq.status is SequenceStatus.WAITING and seq.num_computed_tokens > 0
+            assert len(blocks) == -(-seq.num_computed_tokens // 4)
+            swapped[id(seq)] = seq.num_computed_tokens
+        for seq, blocks in batch.swap_in:
+            assert seq.num_computed_tokens == swapped.pop(id(seq))      # progress kept, nothing recomputed
+            assert blocks == seq.block_ids[:len(blocks)] and len(blocks) == -(-seq.num_computed_tokens // 4)
+        assert not (batch.swap_out and batch.swap_in)
+        for seq, n in batch.items():
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.append_tokens([7])
+                if seq.num_output_tokens >= 24:
+                    sched.finish(seq, "length")
+        if oldest is not None and oldest in sched.running:
+            assert oldest.num_computed_tokens > before                  # the oldest always progresses
+    assert not sched.has_unfinished() and pool.num_free == 12
+    assert sched.num_swaps > 0 and sched.num_swaps == sched.num_preemptions and not swapped

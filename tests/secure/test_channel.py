@@ -146,3 +146,23 @@ def test_bad_arguments_say_what_to_do():
         Channel("cpu", chunk_bytes=1000)
     with Channel("cpu", mode="naive", threads=1) as ch, pytest.raises(ValueError, match="contiguous CPU"):
         ch.to_device(torch.ones(4, 4).t())
+
+
+def test_async_d2h_messages_open_in_order_and_reading_a_later_one_opens_the_earlier():
+    """to_host_async: results come back verified; reading the second message first opens the first one (the
+    receiver's IVs are lock-step), and a tampered pending message raises when read."""
+    with Channel("cpu", mode="naive", threads=2) as ch:
+        a, b = torch.arange(10, dtype=torch.int64), torch.arange(7, dtype=torch.int64) * 3
+        pa, pb = ch.to_host_async(a), ch.to_host_async(b)
+        assert torch.equal(pb.result(), b) and torch.equal(pa.result(), a)
+        pc = ch.to_host_async(a)
+        pc.sealed.wire[0] ^= 1
+        with pytest.raises(IntegrityError):
+            pc.result()
+        assert ch.failed
+
+
+def test_async_d2h_off_mode_is_a_plain_copy():
+    with Channel("cpu", mode="off") as ch:
+        t = torch.arange(5)
+        assert torch.equal(ch.to_host_async(t).result(), t)

@@ -1,0 +1,80 @@
+"""The GPU boundary of one engine: every host<->device transfer the runner makes per step crosses here.
+
+With --cc off it is a plain pinned copy per array, exactly as before (no packing, no extra work). With --cc naive
+or pipelined the step's host-built arrays (token ids, positions, slot mapping, block tables, sequence lengths,
+sampling settings) are packed into ONE byte message, sealed by the encrypted channel (ccserve.secure) and
+verified on the device before anything reads it; the sampled tokens come back as ONE sealed message per step or
+decode window. Why one message: each message costs a GCM setup and a tag on both ends and an IV, so packing
+keeps the per-step cost to one small seal each way (docs/cc.md has the formats).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ccserve.config import EngineConfig
+from ccserve.secure import Channel, FifoPredictor, PendingHost
+
+STEP_KEY = ("step",)
+ALIGN = 8   # every array starts at a multiple of 8 bytes, so int64 / float32 views of the message are legal
+
+
+class Boundary:
+    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+        self.config, self.device = config, device
+        self.channel: Channel | None = self._new_channel() if config.cc != "off" else None
+
+    @property
+    def cc(self) -> bool:
+        return self.channel is not None
+
+    def _new_channel(self) -> Channel:
+        """Fresh session keys and IV streams; the FIFO predictor learns swap-ins from the scheduler's hints."""
+        return Channel(self.device, mode=self.config.cc, threads=self.config.cc_threads, predictor=FifoPredictor())
+
+    def reset_if_failed(self) -> None:
+        """A channel that failed an integrity check stays closed (its lock-step IVs can no longer be trusted):
+        re-key with a new one so that the requests not in the failed message continue."""
+        if self.channel is not None and self.channel.failed:
+            self.channel.close()
+            self.channel = self._new_channel()
+
+    def to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """The step's host arrays on the device: one copy each (cc off), or one authenticated message (cc)."""
+        if self.channel is None:
+            return [_to(a, self.device) for a in arrays]
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        layout, parts, offset = [], [], 0
+        for a in arrays:
+            raw = a.reshape(-1).view(np.uint8)
+            layout.append((offset, raw.size, torch.from_numpy(a[:0].reshape(-1)).dtype, a.shape))
+            parts.append(raw)
+            pad = -raw.size % ALIGN
+            if pad:
+                parts.append(np.zeros(pad, dtype=np.uint8))
+            offset += raw.size + pad
+        # One fixed transfer name: the channel remembers sources by name, and step buffers are never predicted.
+        message = self.channel.to_device(torch.from_numpy(np.concatenate(parts)), key=STEP_KEY)
+        return [message[o:o + n].view(dtype).view(shape) for o, n, dtype, shape in layout]
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A device tensor on the host now (one message under cc); with cc off the tensor itself, whose
+        .tolist() copies it as before."""
+        if self.channel is None:
+            return tensor
+        return self.channel.to_host_async(tensor).result()
+
+    def to_host_async(self, tensor: torch.Tensor) -> PendingHost:
+        """Start a device->host message; only its result() waits (cc mode only)."""
+        return self.channel.to_host_async(tensor)
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+
+
+def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
