@@ -3,22 +3,26 @@
 They differ only in a few switches (Qwen2 adds q/k/v biases, Qwen3 RMS-normalizes q and k per head), so one
 implementation serves all; each architecture is a subclass that sets its switches. Forward takes the flattened
 tokens of every sequence in a step ([T]) and the attention metadata that says where each one's KV lives.
+
+Under tensor parallelism (tp.size > 1) each rank holds a slice of the heads (and of their KV cache), a slice of
+the MLP's intermediate features and a slice of the vocabulary; norms and rotary are replicated. Each decoder
+layer then costs two all-reduces (after o_proj and after down_proj).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from ccserve.distributed.group import SINGLE, TensorParallelGroup
 from ccserve.layers.activation import SiluAndMul
 from ccserve.layers.attention import Attention, AttentionMetadata
-from ccserve.layers.embedding import Embedding
-from ccserve.layers.linear import Linear, MergedLinear
 from ccserve.layers.norm import RMSNorm
+from ccserve.layers.parallel_linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ccserve.layers.rotary import RotaryEmbedding, get_rope
+from ccserve.layers.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 from ccserve.models.loader import load_params
 
 # HF checkpoint projection -> (our fused parameter, shard index within it).
@@ -35,17 +39,19 @@ def head_dim(hf_config: PretrainedConfig) -> int:
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: PretrainedConfig, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool) -> None:
+                 qk_norm: bool, tp: TensorParallelGroup) -> None:
         super().__init__()
         d = head_dim(cfg)
         heads, kv_heads = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.q_size, self.kv_size = heads * d, kv_heads * d
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=o_bias)
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, heads, kv_heads, tp, bias=qkv_bias)
+        # This rank's share: the heads it computes and the KV heads it caches.
+        self.q_size, self.kv_size, _ = self.qkv_proj.output_sizes
+        self.o_proj = RowParallelLinear(heads * d, cfg.hidden_size, tp, bias=o_bias,
+                                        what="the attention heads' features (num_attention_heads * head_dim)")
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if qk_norm else None
         self.rotary_emb = rotary
-        self.attn = Attention(heads, kv_heads, d, scale=d ** -0.5)
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, d, scale=d ** -0.5)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -58,12 +64,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: PretrainedConfig) -> None:
+    def __init__(self, cfg: PretrainedConfig, tp: TensorParallelGroup) -> None:
         super().__init__()
         bias = getattr(cfg, "mlp_bias", False)
-        self.gate_up_proj = MergedLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, bias=bias)
+        what = "the MLP's intermediate_size"
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp,
+                                                       bias=bias, what=what)
         self.act = SiluAndMul()
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp, bias=bias, what=what)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -71,10 +79,10 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: PretrainedConfig, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool) -> None:
+                 qk_norm: bool, tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, qkv_bias, o_bias, qk_norm)
-        self.mlp = LlamaMLP(cfg)
+        self.self_attn = LlamaAttention(cfg, rotary, qkv_bias, o_bias, qk_norm, tp)
+        self.mlp = LlamaMLP(cfg, tp)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -91,11 +99,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: PretrainedConfig, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, cfg: PretrainedConfig, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+                 tp: TensorParallelGroup) -> None:
         super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rotary = get_rope(cfg, head_dim(cfg))  # one cos/sin cache shared by all layers
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, qkv_bias, o_bias, qk_norm)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, qkv_bias, o_bias, qk_norm, tp)
                                     for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -112,23 +121,24 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias_always = False  # Qwen2: q/k/v biases whatever attention_bias says, none on o_proj
     qk_norm = False  # Qwen3: RMSNorm over each head of q and k before rotary
 
-    def __init__(self, hf_config: PretrainedConfig) -> None:
+    def __init__(self, hf_config: PretrainedConfig, tp: TensorParallelGroup = SINGLE) -> None:
         super().__init__()
         attention_bias = getattr(hf_config, "attention_bias", False)
         self.model = LlamaModel(hf_config, qkv_bias=self.qkv_bias_always or attention_bias, o_bias=attention_bias,
-                                qk_norm=self.qk_norm)
+                                qk_norm=self.qk_norm, tp=tp)
         self.tie_word_embeddings = getattr(hf_config, "tie_word_embeddings", False)
         # Tied: the embedding table is the head (no second vocab x hidden matrix is ever allocated).
         self.lm_head = (self.model.embed_tokens if self.tie_word_embeddings
-                        else Linear(hf_config.hidden_size, hf_config.vocab_size))
+                        else ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, tp))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden_size]."""
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Only the rows that sample reach here, so the [N, vocab] matmul stays small; float32 for the sampler."""
-        return F.linear(hidden_states, self.lm_head.weight).float()
+        """Only the rows that sample reach here, so the [N, vocab] matmul stays small; float32 for the sampler,
+        the whole vocabulary on every rank."""
+        return self.lm_head.logits(hidden_states)
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

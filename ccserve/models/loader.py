@@ -1,5 +1,8 @@
 """Build a model from an HF-format directory: read config.json, construct the model directly on the target
-device in the compute dtype, then fill it from the safetensors files (or with dummy values)."""
+device in the compute dtype, then fill it from the safetensors files (or with dummy values).
+
+Under tensor parallelism every rank builds its share of the model and keeps its slice of each checkpoint
+tensor (layers/sharding.py); the checkpoint itself is read whole by each rank."""
 from __future__ import annotations
 
 import json
@@ -14,22 +17,27 @@ from torch import nn
 from tqdm import tqdm
 
 from ccserve.config import EngineConfig
+from ccserve.distributed.group import SINGLE, TensorParallelGroup
 from ccserve.layers.linear import MergedLinear
 from ccserve.layers.norm import RMSNorm
+from ccserve.layers.sharding import Sharded, split
 from ccserve.models.registry import get_model_class
 
 DUMMY_RANGE = 1e-3  # vLLM's dummy weights: uniform in [-1e-3, 1e-3]
 
 
-def load_model(config: EngineConfig) -> tuple[nn.Module, transformers.PretrainedConfig]:
-    """The model, in eval mode on config.torch_device, and its HF config."""
+def load_model(config: EngineConfig, tp: TensorParallelGroup = SINGLE,
+               device: torch.device | None = None) -> tuple[nn.Module, transformers.PretrainedConfig]:
+    """The model (this rank's share of it under tensor parallelism), in eval mode on `device` (default
+    config.torch_device), and its HF config."""
     hf_config = read_hf_config(config.model)
     model_class = get_model_class(hf_config)
     check_sliding_window(hf_config, config.max_model_len)
+    check_tensor_parallel(hf_config, tp.size)
     dtype = config.torch_dtype(checkpoint_dtype(hf_config))
     # Parameters are created where they will live: an 8B model never passes through host memory.
-    with _default_dtype(dtype), torch.device(config.torch_device):
-        model = model_class(hf_config)
+    with _default_dtype(dtype), torch.device(device or config.torch_device):
+        model = model_class(hf_config, tp)
     if config.load_format == "dummy":
         init_dummy_weights(model, config.seed)
     else:
@@ -78,6 +86,27 @@ def check_sliding_window(hf_config: transformers.PretrainedConfig, max_model_len
                          "so that the window never slides")
 
 
+def check_tensor_parallel(hf_config: transformers.PretrainedConfig, size: int) -> None:
+    """Refuse a tensor-parallel size the model's shapes cannot be split by, before anything is allocated (the
+    engine can call this before it starts any worker). Query heads and MLP features must divide; KV heads must
+    divide or, when fewer than the ranks, divide the size (each is then replicated)."""
+    if size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {size}")
+    if size == 1:
+        return
+    split(hf_config.num_attention_heads, size, "the attention heads (num_attention_heads in config.json)")
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    if kv_heads >= size:
+        split(kv_heads, size, "the key/value heads (num_key_value_heads in config.json)")
+    elif size % kv_heads:
+        raise ValueError(f"tensor_parallel_size {size} is larger than num_key_value_heads ({kv_heads}, "
+                         "config.json) and not a multiple of it, so KV heads cannot be replicated evenly: choose "
+                         f"a size that divides {kv_heads} or is a multiple of it")
+    for name in ("intermediate_size", "ffn_dim"):
+        if getattr(hf_config, name, None):
+            split(getattr(hf_config, name), size, f"the MLP's {name} (config.json)")
+
+
 def safetensors_files(model_dir: str) -> list[Path]:
     """The checkpoint's files: those its index names if it has one (repos may also hold consolidated
     copies under other names), else every *.safetensors."""
@@ -107,6 +136,7 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     param_for maps a checkpoint name to (parameter name, shard index within a MergedLinear, or None for the
     whole parameter), or to None for tensors the model does not use. Unknown names, wrong shapes and
     parameters the checkpoint never filled are errors: a silently half-loaded model produces fluent garbage.
+    A tensor-parallel layer (Sharded) keeps only this rank's slice of each tensor.
     """
     params = dict(model.named_parameters())
     pending = {(name, shard) for name in params for shard in _shards(model, name)}
@@ -118,7 +148,13 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         if name not in params:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} matches no parameter of {type(model).__name__}: "
                              "config.json's architectures does not fit these weights")
-        dest = params[name] if shard is None else _owner(model, name).shard(params[name], shard)
+        owner = _owner(model, name)
+        dest = params[name] if shard is None else owner.shard(params[name], shard)
+        if isinstance(owner, Sharded) and owner.tp.size > 1:  # size 1: the whole tensor, as without TP
+            try:
+                tensor = owner.rank_slice(name.rpartition(".")[2], tensor, shard)
+            except ValueError as e:
+                raise ValueError(f"checkpoint tensor {ckpt_name!r} {e}") from e
         if dest.shape != tensor.shape:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, but "
                              f"{type(model).__name__} expects {tuple(dest.shape)}: config.json does not match "
