@@ -141,6 +141,9 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
             process.wait_or_kill()
 
 
+LONG_STREAM_TOKENS = 200   # with the chat template's prompt, within the nodes' max_model_len of 256
+
+
 def chat(client: RelayedClient, i: int, max_tokens: int) -> Iterator[dict]:
     return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"Tell me story {i}."}],
                                           max_tokens=max_tokens, ignore_eos=True, temperature=0.8, seed=i,
@@ -261,11 +264,13 @@ def test_64_clients_verified_and_served_then_a_node_killed(deployment):
         started = threading.Semaphore(0)
 
         def long_stream(i: int) -> str:
-            events = chat(clients[i], 100 + i, 100)
+            # As long as max_model_len allows, so that the victim's streams are still running when all 16
+            # have started on a loaded 2-core CI machine (100 tokens could finish first there).
+            events = chat(clients[i], 100 + i, LONG_STREAM_TOKENS)
             first = [next(events)]
             started.release()
             try:
-                return "complete" if completed(first + list(events)) == 100 else "incomplete"
+                return "complete" if completed(first + list(events)) == LONG_STREAM_TOKENS else "incomplete"
             except GatewayError as exc:
                 return f"failed {exc.status}"
 
