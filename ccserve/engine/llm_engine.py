@@ -209,10 +209,9 @@ class LLMEngine:
         alive = [s for s in window.seqs if not s.finished]
         if window.wants_logprobs or not alive or len(alive) != len(scheduler.running):
             return None
-        ending = [s for s in alive if self._room(s) <= steps]
-        if scheduler.waiting and (ending or len(scheduler.running) < self.config.max_num_seqs):
+        seqs = [s for s in alive if self._room(s) > steps]     # the rest end inside this window
+        if scheduler.waiting and (len(seqs) < len(alive) or len(scheduler.running) < self.config.max_num_seqs):
             return None
-        seqs = [s for s in alive if self._room(s) > steps]
         # num_computed_tokens is the position of this window's first input until the window is applied.
         if not seqs or any(s.num_computed_tokens + 2 * steps > self.max_model_len for s in seqs):
             return None

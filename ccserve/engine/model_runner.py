@@ -163,15 +163,9 @@ class ModelRunner:
         sampling = self._host_sampling(seqs, arrays)
         rows, tables, *rest = self.boundary.to_device(arrays)
         positions = after.last_positions[rows] + 1
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=self._slots(tables, positions), num_decode_tokens=len(seqs),
-            decode_seq_lens=(positions + 1).to(torch.int32), decode_block_tables=tables,
-            prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
-            prefill_seq_lens=torch.zeros(0, dtype=torch.int32, device=dev),
-            prefill_block_tables=torch.zeros(0, 1, dtype=torch.int32, device=dev))
-        return StepInputs(after.last_ids[rows], positions, meta, torch.arange(len(seqs), device=dev), list(seqs),
-                          _device_sampling(sampling, rest))
+        meta = _decode_only(self._slots(tables, positions), (positions + 1).to(torch.int32), tables)
+        return StepInputs(after.last_ids[rows], positions, meta, torch.arange(len(seqs), device=self.device),
+                          list(seqs), _device_sampling(sampling, rest))
 
     def _slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Cache slot of each row's token at `positions`, looked up on the device."""
@@ -257,13 +251,9 @@ class ModelRunner:
         self.g_slots = torch.full((max_bs,), -1, dtype=torch.int64, device=dev)
         self.g_seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.g_tables = torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        empty_i32 = torch.zeros(0, dtype=torch.int32, device=dev)
         pool = None
         for bs in reversed(self._graph_batch_sizes()):
-            meta = AttentionMetadata(
-                slot_mapping=self.g_slots[:bs], num_decode_tokens=bs, decode_seq_lens=self.g_seq_lens[:bs],
-                decode_block_tables=self.g_tables[:bs], prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
-                prefill_seq_lens=empty_i32, prefill_block_tables=torch.zeros(0, 1, dtype=torch.int32, device=dev))
+            meta = _decode_only(self.g_slots[:bs], self.g_seq_lens[:bs], self.g_tables[:bs])
             self.model(self.g_ids[:bs], self.g_pos[:bs], meta)  # warm-up (Triton compile) outside capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -358,6 +348,16 @@ def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
         raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
                          f"{model_max}; pass max_model_len <= {model_max}")
     return config.max_model_len
+
+
+def _decode_only(slots: torch.Tensor, seq_lens: torch.Tensor, tables: torch.Tensor) -> AttentionMetadata:
+    """Metadata of a batch of decodes only (captured graphs, continued windows): empty prefill fields."""
+    dev = slots.device
+    return AttentionMetadata(
+        slot_mapping=slots, num_decode_tokens=slots.shape[0], decode_seq_lens=seq_lens, decode_block_tables=tables,
+        prefill_cu_seqlens_q=torch.zeros(1, dtype=torch.int32, device=dev),
+        prefill_seq_lens=torch.zeros(0, dtype=torch.int32, device=dev),
+        prefill_block_tables=torch.zeros(0, 1, dtype=torch.int32, device=dev))
 
 
 SAMPLING_TENSORS = ("temperatures", "top_k", "top_p", "min_p", "greedy", "seeds")

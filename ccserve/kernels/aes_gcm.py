@@ -28,6 +28,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ccserve.kernels.device import num_sms
+
 TAG_BYTES = 16
 LANE_BYTES = 128            # one bitsliced lane = 8 AES blocks
 GH_ROWS = 128               # GHASH tile rows
@@ -838,12 +840,6 @@ def _segment_tiles(tiles_per_chunk: int, nchunks: int) -> int:
     return r
 
 
-def _num_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _ghash(dk: DeviceKey, wire: torch.Tensor, nbytes: int, chunk_bytes: int):
     """Run the GHASH kernel over every chunk on the wire; returns partials and their geometry."""
     nch = num_chunks(nbytes, chunk_bytes)
@@ -853,7 +849,7 @@ def _ghash(dk: DeviceKey, wire: torch.Tensor, nbytes: int, chunk_bytes: int):
     mp = -(-blocks // seg_blocks) * seg_blocks
     nseg = mp // seg_blocks
     part = torch.empty(nch * nseg * GH_OUT_ROWS * 4, dtype=torch.uint32, device=wire.device)
-    grid = min(nch * nseg, _num_programs(wire.device))
+    grid = min(nch * nseg, num_sms(wire.device))
     _ghash_kernel[(grid,)](wire, dk.table("w"), dk.table("mt"), dk.table("mh"), part, nbytes, chunk_bytes,
                            chunk_bytes + TAG_BYTES, mp, nseg, nch * nseg, r, ROWS=GH_ROWS,
                            ROW_BLOCKS=GH_ROW_BLOCKS, num_warps=8, num_stages=1)  # 168 KiB smem; more stages overflow

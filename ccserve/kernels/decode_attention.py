@@ -9,13 +9,13 @@ the values of seq_lens, so the call is CUDA-graph safe (no host synchronization)
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ccserve.kernels.device import num_sms
 from ccserve.kernels.kv_quant import PagedCache, cache_dims, kernel_args, operand_bases
 from ccserve.kernels.prefill_attention import LOG2E, attend_kv_tile, dot_types, gather_kv
 
@@ -137,14 +137,6 @@ def _decode_reduce_kernel(Out, PartM, PartL, PartAcc, stride_ob, stride_oh, stri
     out = tl.sum(acc * w[:, None], 0) / tl.where(l_sum == 0.0, 1.0, l_sum)
     tl.store(Out + seq * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
-
-
-@functools.cache
-def num_sms(device: torch.device) -> int:
-    """SMs of the device (cached: the split heuristic asks on every call); the interpreter gets a few."""
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def num_decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ccserve.kernels.decode_attention import num_sms
+from ccserve.kernels.device import num_sms
 
 MASK32 = 0xFFFFFFFF
 GOLDEN32 = 0x9E3779B9

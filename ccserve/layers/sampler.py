@@ -45,9 +45,8 @@ class SamplingBatch:
         packed = torch.tensor([[p.temperature if not p.greedy else 1.0 for p in params],
                                [p.top_k for p in params], [p.top_p for p in params],
                                [p.min_p for p in params], [p.greedy for p in params]], dtype=torch.float32)
-        fresh = torch.randint(0, 2 ** 62, (len(params),), dtype=torch.int64)
-        seeds = torch.tensor([p.seed if p.seed is not None else 0 for p in params], dtype=torch.int64)
-        seeds = torch.where(torch.tensor([p.seed is None for p in params], dtype=torch.bool), fresh, seeds)
+        fresh = torch.randint(0, 2 ** 62, (len(params),), dtype=torch.int64).tolist()
+        seeds = torch.tensor([p.seed if p.seed is not None else f for p, f in zip(params, fresh)], dtype=torch.int64)
         device = torch.device(device)
         temperatures, top_k, top_p, min_p, greedy = _to_device(packed, device)
         asked = [p.logprobs for p in params if p.logprobs is not None]
