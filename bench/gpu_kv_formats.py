@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ccserve import LLM  # noqa: E402
 from ccserve.bench.throughput import commit, machine, run_workload  # noqa: E402
-from ccserve.kernels.decode_attention import decode_attention_ref, decode_attention_triton  # noqa: E402
+from ccserve.kernels.decode_attention import DecodeConfig, decode_attention_ref, decode_attention_triton  # noqa: E402
 from ccserve.kernels.kv_quant import dequantize_blocks_ref  # noqa: E402
 from ccserve.kernels.kv_store import store_kv_ref, store_kv_triton  # noqa: E402
 from ccserve.kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton  # noqa: E402
@@ -94,8 +94,19 @@ def _compare(got: torch.Tensor, expect: torch.Tensor) -> dict:
     return dict(max_abs_diff=diff.max().item(), ok=bool((diff <= 2e-2 + 2e-2 * expect.float().abs()).all()))
 
 
+def decode_configs() -> list[DecodeConfig | None]:
+    """None (the kernel's default) plus each BLOCK_NxWARPSxSTAGESxPROGRAMS_PER_SM of env CONFIGS (e.g.
+    "128x4x2x2,64x8x3x8")."""
+    configs: list[DecodeConfig | None] = [None]
+    for item in filter(None, os.environ.get("CONFIGS", "").split(",")):
+        n, w, st, per_sm = (int(x) for x in item.split("x"))
+        configs.append(DecodeConfig(block_n=n, num_warps=w, num_stages=st, programs_per_sm=per_sm))
+    return configs
+
+
 def decode_time_us(name: str, batch: int, ctx: int) -> dict:
-    """Decode attention over `batch` sequences of `ctx` tokens, timed inside a CUDA graph (as the engine runs it)."""
+    """Decode attention over `batch` sequences of `ctx` tokens, timed inside a CUDA graph (as the engine runs it):
+    the default config, and each of CONFIGS ('by_config'; 'us' stays the default's)."""
     per_seq = ctx // BS
     num_blocks = batch * per_seq
     _, k, v = operands(name, num_blocks)
@@ -107,11 +118,19 @@ def decode_time_us(name: str, batch: int, ctx: int) -> dict:
     q = torch.randn(batch, H, D, device="cuda", dtype=torch.bfloat16)
     lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
-    fn = lambda: decode_attention_triton(q, k, v, lens, tables, D ** -0.5, out=out)  # noqa: E731
-    fn()
-    us = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3
+    timings = {}
+    for config in decode_configs():
+        fn = lambda: decode_attention_triton(q, k, v, lens, tables, D ** -0.5, out=out, config=config)  # noqa: E731
+        fn()
+        label = "default" if config is None else \
+            f"{config.block_n}x{config.num_warps}x{config.num_stages}x{config.programs_per_sm}"
+        timings[label] = round(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") * 1e3, 1)
+    us = timings["default"]
     kv_bytes = sum(t.nbytes for t in _tensors(k) + _tensors(v))
-    return dict(us=round(us, 1), kv_gb_s=round(kv_bytes / us / 1e3, 1), kv_mb=round(kv_bytes / 1e6, 1))
+    result = dict(us=us, kv_gb_s=round(kv_bytes / us / 1e3, 1), kv_mb=round(kv_bytes / 1e6, 1))
+    if len(timings) > 1:
+        result["by_config"] = timings
+    return result
 
 
 def _tensors(op) -> list[torch.Tensor]:

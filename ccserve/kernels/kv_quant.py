@@ -225,44 +225,120 @@ def store_quantized_ref(x: torch.Tensor, cache: PagedCache, slot_mapping: torch.
 # ---- Triton helpers (shared by the store and attention kernels) --------------------------------------------
 
 @triton.jit
-def operand_bases(data, scale, zero, head, offs_d, stride_h, stride_d, stride_sh, stride_sc,
-                  KIND: tl.constexpr, BITS: tl.constexpr, AXIS: tl.constexpr, GROUP: tl.constexpr):
-    """Pointers [1, BLOCK_D] at (head, channel) into codes, scales and zero points, and each channel's bit shift
-    within its byte. For KIND 0 (model dtype) only the first is used, and it is today's address."""
-    if KIND == 2 and BITS < 8:
-        base = data + head * stride_h + (offs_d // (8 // BITS))[None, :] * stride_d
-        shift = ((offs_d % (8 // BITS)) * BITS)[None, :]
-    else:
-        base = data + head * stride_h + offs_d[None, :] * stride_d
-        shift = (offs_d * 0)[None, :]
-    if AXIS == 0:
-        col = offs_d // GROUP
-    else:
-        col = offs_d
-    s_base = scale + head * stride_sh + col[None, :] * stride_sc
-    z_base = zero + head * stride_sh + col[None, :] * stride_sc
-    return base, s_base, z_base, shift
+def head_bases(data, scale, zero, head, stride_h, stride_sh):
+    """Scalar pointers at one KV head's codes, scales and zero points (the last two unused for KIND 0)."""
+    return data + head * stride_h, scale + head * stride_sh, zero + head * stride_sh
 
 
 @triton.jit
-def load_operand(base, s_base, z_base, shift, page, row, mask, stride_b, stride_s, stride_sb, stride_ss,
+def load_codes(ptrs, pos_mask, stride_d, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+               KIND: tl.constexpr, BITS: tl.constexpr):
+    """[BLOCK_N, BLOCK_D] codes of the tokens at ptrs ([BLOCK_N, 1], each at its channel 0): fp8, uint8, or int32
+    for sub-byte codes; callers convert once, to what they compute in.
+
+    Sub-byte codes are read as the packed bytes (contiguous, so the loads are 16 bytes wide) and split in
+    registers: reading them per channel would load each byte 2 or 4 times, one byte at a time."""
+    if KIND == 2 and BITS < 8:
+        offs_b = tl.arange(0, BLOCK_D // (8 // BITS))
+        mask = pos_mask[:, None] & (offs_b * (8 // BITS) < HEAD_DIM)[None, :]
+        packed = tl.load(ptrs + offs_b[None, :] * stride_d, mask=mask, other=0).to(tl.int32)
+        if BITS == 4:
+            codes = tl.join(packed & 15, packed >> 4)
+        else:  # channel 4b + j at bits 2j: join's last axis is the inner index, so pair (0, 2) with (1, 3)
+            codes = tl.join(tl.join(packed & 3, (packed >> 4) & 3), tl.join((packed >> 2) & 3, packed >> 6))
+        codes = tl.reshape(codes, [BLOCK_N, BLOCK_D])
+    else:
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = pos_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+        codes = tl.load(ptrs + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    return codes
+
+
+@triton.jit
+def dequant_token_groups(codes, scale, zero, page, row, pos_mask, stride_sb, stride_ss, stride_sc,
+                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         KIND: tl.constexpr, GROUP: tl.constexpr):
+    """Token-axis groups: each token's BLOCK_D // GROUP scales (and zero points) are loaded once and broadcast
+    over their GROUP channels in registers (per-channel addresses would repeat each scale GROUP times, as
+    single 2-byte loads)."""
+    offs_c = tl.arange(0, BLOCK_D // GROUP)
+    offs = page[:, None] * stride_sb + row[:, None] * stride_ss + offs_c[None, :] * stride_sc
+    mask = pos_mask[:, None] & (offs_c * GROUP < HEAD_DIM)[None, :]
+    s = tl.load(scale + offs, mask=mask, other=0.0).to(tl.float32)
+    if KIND == 2:
+        z = tl.load(zero + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = tl.zeros_like(s)
+    if BLOCK_D == GROUP:
+        x = codes * s + z
+    else:
+        grouped = tl.reshape(codes, [BLOCK_N, BLOCK_D // GROUP, GROUP])
+        x = tl.reshape(grouped * s[:, :, None] + z[:, :, None], [BLOCK_N, BLOCK_D])
+    return x
+
+
+@triton.jit
+def token_scales(scale, zero, page, row, pos_mask, stride_sb, stride_ss, KIND: tl.constexpr):
+    """Each token's one scale and zero point [BLOCK_N] (fp32; zero is 0 for fp8), for formats with one group per
+    token and head: the attention kernels then apply them to scores or probabilities instead of every element."""
+    offs = page * stride_sb + row * stride_ss
+    s = tl.load(scale + offs, mask=pos_mask, other=0.0).to(tl.float32)
+    if KIND == 2:
+        z = tl.load(zero + offs, mask=pos_mask, other=0.0).to(tl.float32)
+    else:
+        z = tl.zeros_like(s)
+    return s, z
+
+
+@triton.jit
+def dequant_channel_groups(codes, scale, zero, table, tile_start, limit, stride_sb, stride_ss, stride_sc,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr):
+    """Channel-axis groups (GROUP consecutive tokens of a block share a channel's scale and zero point): one row
+    of scales per group in the tile, broadcast over its tokens in registers.
+
+    Tiles start at multiples of BLOCK_N and both BLOCK_N and GROUP are powers of two, so a tile holds whole
+    groups (BLOCK_N >= GROUP) or lies inside one; GROUP divides the block size, so no group spans two pages."""
+    if BLOCK_N >= GROUP:
+        first = tile_start + tl.arange(0, BLOCK_N // GROUP) * GROUP
+    else:
+        first = tile_start + tl.arange(0, 1)
+    valid = first < limit
+    page = tl.load(table + first // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs = (page * stride_sb + ((first % BLOCK_SIZE) // GROUP) * stride_ss)[:, None] + offs_d[None, :] * stride_sc
+    mask = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    s = tl.load(scale + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(zero + offs, mask=mask, other=0.0).to(tl.float32)
+    if BLOCK_N <= GROUP:
+        x = codes * s + z
+    else:
+        grouped = tl.reshape(codes, [BLOCK_N // GROUP, GROUP, BLOCK_D])
+        x = tl.reshape(grouped * s[:, None, :] + z[:, None, :], [BLOCK_N, BLOCK_D])
+    return x
+
+
+@triton.jit
+def load_operand(data, scale, zero, table, tile_start, limit, page, row, pos_mask,
+                 stride_b, stride_s, stride_d, stride_sb, stride_ss, stride_sc,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  KIND: tl.constexpr, BITS: tl.constexpr, AXIS: tl.constexpr, GROUP: tl.constexpr):
-    """An [N, BLOCK_D] tile of cached K or V at each token's (page, row): as stored for KIND 0, else dequantized
-    to fp32 (fp8: code * scale; int: code * scale + zero)."""
-    x = tl.load(base + page[:, None] * stride_b + row[:, None] * stride_s, mask=mask, other=0.0)
-    if KIND != 0:
+    """A [BLOCK_N, BLOCK_D] tile of one head's cached K or V: the tokens at positions tile_start + n (n < BLOCK_N,
+    those >= limit masked), each at its (page, row). data/scale/zero point at the head (head_bases). As stored
+    for KIND 0 (the model dtype), else dequantized to fp32 (fp8: code * scale; int: code * scale + zero)."""
+    ptrs = data + page[:, None] * stride_b + row[:, None] * stride_s
+    if KIND == 0:
+        offs_d = tl.arange(0, BLOCK_D)
+        x = tl.load(ptrs + offs_d[None, :] * stride_d, mask=pos_mask[:, None] & (offs_d < HEAD_DIM)[None, :],
+                    other=0.0)
+    else:
+        codes = load_codes(ptrs, pos_mask, stride_d, BLOCK_N, BLOCK_D, HEAD_DIM, KIND, BITS).to(tl.float32)
         if AXIS == 0:
-            srow = row
+            x = dequant_token_groups(codes, scale, zero, page, row, pos_mask, stride_sb, stride_ss, stride_sc,
+                                     BLOCK_N, BLOCK_D, HEAD_DIM, KIND, GROUP)
         else:
-            srow = row // GROUP
-        s_off = page[:, None] * stride_sb + srow[:, None] * stride_ss
-        s = tl.load(s_base + s_off, mask=mask, other=0.0).to(tl.float32)
-        if KIND == 1:
-            x = x.to(tl.float32) * s
-        else:
-            z = tl.load(z_base + s_off, mask=mask, other=0.0).to(tl.float32)
-            code = (x.to(tl.int32) >> shift) & ((1 << BITS) - 1)
-            x = code.to(tl.float32) * s + z
+            x = dequant_channel_groups(codes, scale, zero, table, tile_start, limit, stride_sb, stride_ss,
+                                       stride_sc, BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, GROUP)
     return x
 
 

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ccserve.kernels.kv_quant import (PagedCache, cache_dims, dequantize_blocks_ref, kernel_args, load_operand,
-                                      operand_bases)
+from ccserve.kernels.kv_quant import (PagedCache, cache_dims, dequantize_blocks_ref, head_bases, kernel_args,
+                                      load_codes, load_operand, token_scales)
 
 LOG2E = 1.4426950408889634
 
@@ -85,34 +85,60 @@ def dot_types(q: torch.Tensor) -> tuple[bool, str]:
 
 
 @triton.jit
-def attend_kv_tile(q, acc, l_i, m_i, k_base, ks_base, kz_base, k_shift, v_base, vs_base, vz_base, v_shift,
-                   table, pos, pos_mask, d_mask, visible, qk_scale,
-                   stride_kb, stride_ks, stride_ksb, stride_kss, stride_vb, stride_vs, stride_vsb, stride_vss,
-                   BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
+def attend_kv_tile(q, acc, l_i, m_i, k_data, k_scale, k_zero, v_data, v_scale, v_zero, table, tile_start, limit,
+                   visible, qk_scale,
+                   stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
+                   stride_vb, stride_vs, stride_vd, stride_vsb, stride_vss, stride_vsc,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
                    K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_GROUP: tl.constexpr,
                    V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr):
-    """Fold the cached tokens at positions pos (one tile) into the online softmax (acc, l_i, m_i).
+    """Fold the cached tokens at positions tile_start .. tile_start + BLOCK_N - 1 (those < limit) into the online
+    softmax (acc, l_i, m_i). tile_start is a multiple of BLOCK_N (quantized tiles rely on it).
 
-    q: [M, D] in the dot dtype; k_base/v_base (and the scale/zero-point bases of a quantized operand, see
-    kv_quant.operand_bases) point at (kv_head, dim) and are offset here by each token's page (from the block
-    table) and row within the page; a quantized tile is dequantized in registers. pos_mask guards the loads;
-    with MASKED, visible ([M, N] or broadcastable) decides which scores count. Scores are in the log2 domain.
+    q: [M, D] in the dot dtype; k_*/v_* point at one KV head's codes, scales and zero points
+    (kv_quant.head_bases); each token's page comes from the block table. A quantized tile is dequantized in
+    registers, except where a format has one scale per token and head (fp8, int8 values): there the dot runs on
+    the codes (exact in bf16) and the scale multiplies the scores, or the probabilities, a BLOCK_N-th of the
+    work (a zero point adds sum(q) * zero, or sum(p * zero)). With MASKED, visible ([M, N] or broadcastable) decides which scores count. Scores are in the
+    log2 domain.
     """
+    pos = tile_start + tl.arange(0, BLOCK_N)
+    pos_mask = pos < limit
     page = tl.load(table + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
     row = pos % BLOCK_SIZE
-    kv_mask = pos_mask[:, None] & d_mask[None, :]
-    k = load_operand(k_base, ks_base, kz_base, k_shift, page, row, kv_mask, stride_kb, stride_ks, stride_ksb,
-                     stride_kss, K_KIND, K_BITS, K_AXIS, K_GROUP)
-    v = load_operand(v_base, vs_base, vz_base, v_shift, page, row, kv_mask, stride_vb, stride_vs, stride_vsb,
-                     stride_vss, V_KIND, V_BITS, V_AXIS, V_GROUP)
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+    if K_KIND != 0 and K_AXIS == 0 and K_GROUP == HEAD_DIM:    # one scale per token: scale the scores
+        codes = load_codes(k_data + page[:, None] * stride_kb + row[:, None] * stride_ks, pos_mask, stride_kd,
+                           BLOCK_N, BLOCK_D, HEAD_DIM, K_KIND, K_BITS)
+        k_s, k_z = token_scales(k_scale, k_zero, page, row, pos_mask, stride_ksb, stride_kss, K_KIND)
+        s = tl.dot(q, tl.trans(codes.to(q.dtype)), input_precision=DOT_PRECISION) * k_s[None, :]
+        if K_KIND == 2:
+            s += tl.sum(q.to(tl.float32), 1)[:, None] * k_z[None, :]
+        s = s * qk_scale
+    else:
+        k = load_operand(k_data, k_scale, k_zero, table, tile_start, limit, page, row, pos_mask,
+                         stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
+                         BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, K_KIND, K_BITS, K_AXIS, K_GROUP)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    if V_KIND != 0 and V_AXIS == 0 and V_GROUP == HEAD_DIM:    # one scale per token: scale the probabilities
+        codes = load_codes(v_data + page[:, None] * stride_vb + row[:, None] * stride_vs, pos_mask, stride_vd,
+                           BLOCK_N, BLOCK_D, HEAD_DIM, V_KIND, V_BITS)
+        v_s, v_z = token_scales(v_scale, v_zero, page, row, pos_mask, stride_vsb, stride_vss, V_KIND)
+        pv = tl.dot((p * v_s[None, :]).to(q.dtype), codes.to(q.dtype), input_precision=DOT_PRECISION)
+        if V_KIND == 2:
+            pv += tl.sum(p * v_z[None, :], 1)[:, None]
+    else:
+        v = load_operand(v_data, v_scale, v_zero, table, tile_start, limit, page, row, pos_mask,
+                         stride_vb, stride_vs, stride_vd, stride_vsb, stride_vss, stride_vsc,
+                         BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, V_KIND, V_BITS, V_AXIS, V_GROUP)
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + pv
     return acc, l_i, m_new
 
 
@@ -174,10 +200,8 @@ def _prefill_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
     kv_head = head // GROUP
-    k_base, ks_base, kz_base, k_shift = operand_bases(KCache, KScale, KZero, kv_head, offs_d, stride_kh, stride_kd,
-                                                      stride_ksh, stride_ksc, K_KIND, K_BITS, K_AXIS, K_GROUP)
-    v_base, vs_base, vz_base, v_shift = operand_bases(VCache, VScale, VZero, kv_head, offs_d, stride_vh, stride_vd,
-                                                      stride_vsh, stride_vsc, V_KIND, V_BITS, V_AXIS, V_GROUP)
+    k_data, k_scale, k_zero = head_bases(KCache, KScale, KZero, kv_head, stride_kh, stride_ksh)
+    v_data, v_scale, v_zero = head_bases(VCache, VScale, VZero, kv_head, stride_vh, stride_vsh)
     table = BlockTables + seq.to(tl.int64) * stride_bt
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -186,25 +210,23 @@ def _prefill_kernel(
     # Keys before the tile's first query are visible to every row: no mask.
     full_end = (context + tile * BLOCK_M) // BLOCK_N * BLOCK_N
     for tile_start in range(0, full_end, BLOCK_N):
-        pos = tile_start + offs_n
-        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_base, ks_base, kz_base, k_shift, v_base, vs_base,
-                                       vz_base, v_shift, table, pos, pos < seq_len, d_mask, None, qk_scale,
-                                       stride_kb, stride_ks, stride_ksb, stride_kss,
-                                       stride_vb, stride_vs, stride_vsb, stride_vss,
-                                       BLOCK_SIZE, DOT_PRECISION, False, K_KIND, K_BITS, K_AXIS, K_GROUP,
-                                       V_KIND, V_BITS, V_AXIS, V_GROUP)
+        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_data, k_scale, k_zero, v_data, v_scale, v_zero, table,
+                                       tile_start, seq_len, None, qk_scale,
+                                       stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
+                                       stride_vb, stride_vs, stride_vd, stride_vsb, stride_vss, stride_vsc,
+                                       BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, DOT_PRECISION, False,
+                                       K_KIND, K_BITS, K_AXIS, K_GROUP, V_KIND, V_BITS, V_AXIS, V_GROUP)
     # The diagonal: causal mask. Key 0 is visible to every row, so no row's max stays -inf.
     kv_end = tl.minimum(context + (tile + 1) * BLOCK_M, seq_len)
     for tile_start in range(full_end, kv_end, BLOCK_N):
         pos = tile_start + offs_n
-        pos_mask = pos < kv_end
-        visible = (pos[None, :] <= q_pos[:, None]) & pos_mask[None, :]
-        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_base, ks_base, kz_base, k_shift, v_base, vs_base,
-                                       vz_base, v_shift, table, pos, pos_mask, d_mask, visible, qk_scale,
-                                       stride_kb, stride_ks, stride_ksb, stride_kss,
-                                       stride_vb, stride_vs, stride_vsb, stride_vss,
-                                       BLOCK_SIZE, DOT_PRECISION, True, K_KIND, K_BITS, K_AXIS, K_GROUP,
-                                       V_KIND, V_BITS, V_AXIS, V_GROUP)
+        visible = (pos[None, :] <= q_pos[:, None]) & (pos < kv_end)[None, :]
+        acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_data, k_scale, k_zero, v_data, v_scale, v_zero, table,
+                                       tile_start, kv_end, visible, qk_scale,
+                                       stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
+                                       stride_vb, stride_vs, stride_vd, stride_vsb, stride_vss, stride_vsc,
+                                       BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, DOT_PRECISION, True,
+                                       K_KIND, K_BITS, K_AXIS, K_GROUP, V_KIND, V_BITS, V_AXIS, V_GROUP)
 
     out = acc / l_i[:, None]
     tl.store(Out + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
