@@ -14,6 +14,8 @@ from torch import nn
 from ccserve.kernels.decode_attention import decode_attention
 from ccserve.kernels.kv_store import store_kv
 from ccserve.kernels.prefill_attention import prefill_attention
+from ccserve.kernels.rotary_store import rotary_store
+from ccserve.layers.rotary import RotaryEmbedding
 
 
 @dataclass
@@ -59,12 +61,23 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """q: [T, H*D], k/v: [T, Hk*D] -> [T, H*D]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                positions: torch.Tensor | None = None, rotary: RotaryEmbedding | None = None) -> torch.Tensor:
+        """q: [T, H*D], k/v: [T, Hk*D] (rows may be strided: slices of a fused qkv output) -> [T, H*D].
+
+        With rotary, q and k are rotated by their positions first; for a model-dtype cache that and the cache
+        write are one kernel (kernels/rotary_store.py), else rotation in place and then the (quantizing) store.
+        """
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        plain_cache = isinstance(self.k_cache, torch.Tensor) and isinstance(self.v_cache, torch.Tensor)
+        if rotary is not None and plain_cache:
+            rotary_store(positions, q, k, v, rotary.cos_sin, self.k_cache, self.v_cache, meta.slot_mapping)
+        else:
+            if rotary is not None:
+                rotary(positions, q, k)
+            store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
         if nd:

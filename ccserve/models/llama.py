@@ -59,8 +59,7 @@ class LlamaAttention(nn.Module):
             d = self.attn.head_dim
             q = self.q_norm(q.view(q.shape[0], -1, d)).view(-1, self.q_size)
             k = self.k_norm(k.view(k.shape[0], -1, d)).view(-1, self.kv_size)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v.contiguous(), meta))
+        return self.o_proj(self.attn(q, k, v, meta, positions, self.rotary_emb))
 
 
 class LlamaMLP(nn.Module):

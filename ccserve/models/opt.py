@@ -38,7 +38,7 @@ class OPTAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).chunk(3, dim=-1)
-        return self.out_proj(self.attn(q.contiguous(), k.contiguous(), v.contiguous(), meta))
+        return self.out_proj(self.attn(q, k, v, meta))
 
 
 class OPTDecoderLayer(nn.Module):

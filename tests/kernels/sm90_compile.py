@@ -15,6 +15,7 @@ from triton.compiler import ASTSource
 from ccserve.kernels import decode_attention as dec
 from ccserve.kernels import kv_store as st
 from ccserve.kernels import prefill_attention as pre
+from ccserve.kernels import rotary_store as rs
 from tests.kernels.quantized import make_cache
 
 TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
@@ -62,9 +63,9 @@ def compile_launch(name: str, fn, args: list, kwargs: dict) -> str:
 
 
 def main(formats: list[str]) -> None:
-    for name in ("_decode_partial_kernel", "_decode_reduce_kernel"):
-        patch(dec, name)
+    patch(dec, "_decode_partial_kernel")
     patch(pre, "_prefill_kernel")
+    patch(rs, "_rotary_store_kernel")
     for name in ("_store_kv_kernel", "_store_token_quant_kernel", "_store_channel_quant_kernel"):
         patch(st, name)
     hk, bs, d, h = 8, 16, 128, 32
@@ -82,6 +83,10 @@ def main(formats: list[str]) -> None:
                                      torch.tensor([40, 10], dtype=torch.int32), tables[:2], d ** -0.5, 20)
         st.store_kv_triton(torch.randn(5, hk, d, dtype=torch.bfloat16), torch.randn(5, hk, d, dtype=torch.bfloat16),
                            k, v, torch.tensor([0, 1, 2, 17, 40]))
+        if isinstance(k, torch.Tensor):          # the fused rotary + store serves model-dtype caches
+            qkv = torch.randn(5, h + 2 * hk, d, dtype=torch.bfloat16)
+            rs.rotary_store_triton(torch.arange(5), qkv[:, :h], qkv[:, h:h + hk], qkv[:, h + hk:],
+                                   torch.randn(64, d), k, v, torch.tensor([0, 1, 2, 17, 40]))
         for kname, fn, args, kwargs in launches[start:]:
             try:
                 report = compile_launch(kname, fn, args, kwargs)
