@@ -69,6 +69,7 @@ def opcode_counts(cubin: bytes) -> collections.Counter:
 
 def main(names: list[str], overrides: dict[str, int]) -> None:
     recorder.patch(dec, "_decode_partial_kernel")
+    recorder.patch(dec, "_decode_reduce_kernel")
     for name in names:
         _, k, v = make_cache(kv_format(name), 64, 8, 16, 128, torch.bfloat16)
         recorder.launches.clear()

@@ -3,9 +3,9 @@
 Decode is bound by reading the KV cache, so the Triton kernel is built to read each cached byte once:
 one program takes one (sequence, KV head, split) and all query heads of that KV head's group together
 (GQA packing: the group's rows padded to >= 16 so scores come from tl.dot). Long contexts with few
-sequences are split along the context (split-K) so that every SM has work; the last split of each sequence
-and KV head to finish merges the splits' partial softmax results. The split count depends only on shapes and
-the SM count, never on the values of seq_lens, so the call is CUDA-graph safe (no host synchronization).
+sequences are split along the context (split-K) so that every SM has work; a second small kernel merges
+the splits' partial softmax results. The split count depends only on shapes and the SM count, never on
+the values of seq_lens, so the call is CUDA-graph safe (no host synchronization).
 """
 from __future__ import annotations
 
@@ -63,8 +63,7 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_partial_kernel(
-        Q, KCache, KScale, KZero, VCache, VScale, VZero, SeqLens, BlockTables, Out, PartM, PartL, PartAcc, Arrivals,
-        qk_scale,
+        Q, KCache, KScale, KZero, VCache, VScale, VZero, SeqLens, BlockTables, Out, PartM, PartL, PartAcc, qk_scale,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd, stride_ksb, stride_ksh, stride_kss, stride_ksc,
         stride_vb, stride_vh, stride_vs, stride_vd, stride_vsb, stride_vsh, stride_vss, stride_vsc,
@@ -76,10 +75,8 @@ def _decode_partial_kernel(
         V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr):
     """Online softmax of one group of query heads over one split of one sequence's context.
 
-    With one split the normalized result goes straight to Out. Otherwise the running max (log2 domain), the sum
-    of exponentials and the unnormalized accumulator go to the Part* buffers, and the last split of a (sequence,
-    KV head) to arrive (counted in Arrivals, which it resets to 0 for the next launch) merges them into Out: no
-    second kernel, whose launch cost a few microseconds per layer at small batches.
+    With one split the normalized result goes straight to Out; otherwise the running max (log2 domain),
+    the sum of exponentials and the unnormalized accumulator go to the Part* buffers for the reduce kernel.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -124,54 +121,30 @@ def _decode_partial_kernel(
         tl.store(PartM + part, m_i, mask=g_mask)
         tl.store(PartL + part, l_i, mask=g_mask)
         tl.store(PartAcc + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=g_mask[:, None])
-        counter = Arrivals + seq * tl.num_programs(1) + kv_head
-        tl.debug_barrier()      # every thread's parts are written before the one thread that counts releases them
-        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:   # release our parts, acquire the others'
-            tl.store(counter, 0)
-            _merge_splits(Out + seq * stride_ob, PartM, PartL, PartAcc, part - split, heads, g_mask, offs_d, d_mask,
-                          stride_oh, stride_od, NUM_SPLITS, BLOCK_G, BLOCK_D)
 
 
 @triton.jit
-def _merge_splits(Out, PartM, PartL, PartAcc, part0, heads, g_mask, offs_d, d_mask, stride_oh, stride_od,
-                  NUM_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merge the splits of one group of heads (part0: each head's split 0): rescale each by exp2(m_split - m_max)
-    and normalize. Empty splits carry m = -inf, l = 0; a sequence with no tokens at all (padding) yields zeros.
-    The parts were written by other programs of this launch: read them past L1 (.cg), which is not coherent."""
-    m_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        m_max = tl.maximum(m_max, tl.load(PartM + part0 + s, mask=g_mask, other=float("-inf"), cache_modifier=".cg"))
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
-    l_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        w = tl.exp2(tl.load(PartM + part0 + s, mask=g_mask, other=float("-inf"), cache_modifier=".cg") - m_max)
-        l_sum += w * tl.load(PartL + part0 + s, mask=g_mask, other=0.0, cache_modifier=".cg")
-        acc += w[:, None] * tl.load(PartAcc + (part0 + s)[:, None] * BLOCK_D + offs_d[None, :],
-                                    mask=g_mask[:, None], other=0.0, cache_modifier=".cg")
-    out = acc / tl.where(l_sum == 0.0, 1.0, l_sum)[:, None]
-    tl.store(Out + heads[:, None] * stride_oh + offs_d[None, :] * stride_od, out.to(Out.dtype.element_ty),
-             mask=g_mask[:, None] & d_mask[None, :])
+def _decode_reduce_kernel(Out, PartM, PartL, PartAcc, stride_ob, stride_oh, stride_od,
+                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the splits of one (sequence, head): rescale each by exp2(m_split - m_max) and normalize.
 
-
-_arrivals: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """`count` zeroed int32 counters on `device`, one per (sequence, KV head) of a split launch.
-
-    The kernel leaves them zero again, so one buffer per device serves every launch and every layer (launches on
-    one stream never overlap). It only grows, and a grown-out buffer is kept: captured CUDA graphs hold its
-    address. The runner's eager warm-up at the largest batch sizes it before any capture; growing it inside a
-    capture would record the zeroing into the graph, so that is refused.
+    Empty splits carry m = -inf, l = 0; a sequence with no tokens at all (padding) yields zeros.
     """
-    buffers = _arrivals.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"decode attention needs {count} split counters but is being captured in a CUDA "
-                               "graph before an eager call of that size; run the batch once eagerly first")
-        buffers.append(torch.zeros(max(count, 4096), dtype=torch.int32, device=device))
-    return buffers[-1]
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    part = (seq * tl.num_programs(1) + head) * NUM_SPLITS + offs_s
+    m = tl.load(PartM + part)
+    l = tl.load(PartL + part)
+    acc = tl.load(PartAcc + part[:, None] * BLOCK_D + offs_d[None, :])
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)
+    l_sum = tl.sum(l * w, 0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(l_sum == 0.0, 1.0, l_sum)
+    tl.store(Out + seq * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
 
 
 def num_decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int,
@@ -209,18 +182,21 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | PagedCache,
         part_m = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
-        arrivals = arrival_counters(q.device, batch * num_kv_heads)
     else:
-        part_m = part_l = part_acc = arrivals = out        # unused by the kernel
+        part_m = part_l = part_acc = out        # unused by the kernel
     k_ptrs, k_strides, k_consts = kernel_args(k_cache, "K")
     v_ptrs, v_strides, v_consts = kernel_args(v_cache, "V")
     _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
-        q, *k_ptrs, *v_ptrs, seq_lens, block_tables, out, part_m, part_l, part_acc, arrivals, scale * LOG2E,
+        q, *k_ptrs, *v_ptrs, seq_lens, block_tables, out, part_m, part_l, part_acc, scale * LOG2E,
         *q.stride(), *k_strides, *v_strides, block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **k_consts, **v_consts)
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            out, part_m, part_l, part_acc, *out.stride(),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_D=block_d, num_warps=4)
     return out
 
 

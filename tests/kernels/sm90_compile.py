@@ -63,7 +63,8 @@ def compile_launch(name: str, fn, args: list, kwargs: dict) -> str:
 
 
 def main(formats: list[str]) -> None:
-    patch(dec, "_decode_partial_kernel")
+    for name in ("_decode_partial_kernel", "_decode_reduce_kernel"):
+        patch(dec, name)
     patch(pre, "_prefill_kernel")
     patch(rs, "_rotary_store_kernel")
     for name in ("_store_kv_kernel", "_store_token_quant_kernel", "_store_channel_quant_kernel"):
