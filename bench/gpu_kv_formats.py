@@ -5,7 +5,9 @@ Llama-3-8B shape (32 query heads, 8 KV heads, head_dim 128, block_size 16, bf16,
 
 Usage (on the GPU machine, repository root): python bench/gpu_kv_formats.py [PRESET ...]
 Env: OUT (directory for the JSON), CCSERVE_COMMIT (commit id; the device copy has no .git), SKIP_CHECK=1,
-SKIP_KERNEL=1, SKIP_ENGINE=1, WORKLOADS (default "B-pressure C-decode"), BATCH (decode timing batch, 16).
+SKIP_KERNEL=1, SKIP_ENGINE=1, WORKLOADS (default "B-pressure C-decode"), BATCH (decode timing batch, 16),
+MAX_NUM_SEQS (engine runs, default 256: a compressed cache only pays on B-pressure when more sequences may run),
+CONFIGS (decode tile sweep, see decode_configs).
 """
 from __future__ import annotations
 
@@ -141,7 +143,7 @@ def _tensors(op) -> list[torch.Tensor]:
 
 def engine_throughput(name: str, workloads: list[str]) -> dict:
     llm = LLM(str(MODEL), load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.9,
-              kv_format=name)
+              kv_format=name, max_num_seqs=int(os.environ.get("MAX_NUM_SEQS", 256)))
     result = dict(num_kv_blocks=llm.engine.runner.num_blocks, capacity_tokens=llm.engine.stats().kv_capacity_tokens)
     for workload in workloads:
         r = run_workload(llm, workload, repeats=1)
@@ -159,7 +161,9 @@ def main() -> None:
         names = ["bf16"] + names
     workloads = os.environ.get("WORKLOADS", "B-pressure C-decode").split()
     batch = int(os.environ.get("BATCH", 16))
-    result = dict(machine=machine(), commit=commit(), presets=names, check={}, decode_us={}, engine={})
+    result = dict(machine=machine(), commit=commit(), presets=names, check={}, decode_us={}, engine={},
+                  settings=dict(batch=batch, workloads=workloads, max_num_seqs=int(os.environ.get("MAX_NUM_SEQS", 256)),
+                                configs=os.environ.get("CONFIGS", "")))
     out_dir = Path(os.environ.get("OUT", "bench/results"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
