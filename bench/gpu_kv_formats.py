@@ -7,7 +7,7 @@ Usage (on the GPU machine, repository root): python bench/gpu_kv_formats.py [PRE
 Env: OUT (directory for the JSON), CCSERVE_COMMIT (commit id; the device copy has no .git), SKIP_CHECK=1,
 SKIP_KERNEL=1, SKIP_ENGINE=1, WORKLOADS (default "B-pressure C-decode"), BATCH (decode timing batch, 16),
 MAX_NUM_SEQS (engine runs, default 256: a compressed cache only pays on B-pressure when more sequences may run),
-CONFIGS (decode tile sweep, see decode_configs).
+CONFIGS (decode tile sweep, see decode_configs), ENGINE_PRESETS (the presets of the engine rows, default all).
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         save()
     if not os.environ.get("SKIP_ENGINE"):
-        for name in names:
+        for name in os.environ.get("ENGINE_PRESETS", " ".join(names)).split():
             t = time.perf_counter()
             result["engine"][name] = engine_throughput(name, workloads)
             result["engine"][name]["seconds"] = round(time.perf_counter() - t, 1)
@@ -200,8 +200,9 @@ def main() -> None:
         eng = result["engine"].get(name, {})
         for w in workloads:
             if w in eng:
-                base = result["engine"]["bf16"][w]["output_tok_s"]
-                cells.append(f"{eng[w]['output_tok_s']} (x{eng[w]['output_tok_s'] / base:.2f}, x{eng[w]['vs_vllm']})")
+                base = result["engine"].get("bf16", {}).get(w, {}).get("output_tok_s")
+                vs_bf16 = f"x{eng[w]['output_tok_s'] / base:.2f}" if base else "bf16 not run"
+                cells.append(f"{eng[w]['output_tok_s']} ({vs_bf16}, x{eng[w]['vs_vllm']})")
             else:
                 cells.append("-")
         print(f"| {name} | {ok} | " + " | ".join(cells) + f" | {eng.get('capacity_tokens', '-')} |")
