@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ccserve import LLM, SamplingParams  # noqa: E402
+from ccserve.layers.sampler import SamplingBatch  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent / "models" / "llama3-8b"
 
@@ -26,23 +27,22 @@ def phase_times(llm: LLM, steps: int) -> dict[str, float]:
         t0 = time.perf_counter()
         batch = engine.scheduler.schedule()
         t1 = time.perf_counter()
-        inputs = runner._prepare(batch)
+        step, seqs = runner._host_step(batch)
+        inputs = runner._device_step(step, batch.decodes, batch.prefills)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         with torch.inference_mode():
-            hidden = runner._forward(inputs, batch)
+            hidden = runner._forward(inputs, step.decode_only)
             torch.cuda.synchronize()
             t3 = time.perf_counter()
             logits = runner.model.compute_logits(hidden[inputs.sample_indices])
-            from ccserve.layers.sampler import SamplingBatch
-            sb = SamplingBatch.build([s.params for s in inputs.sampling_seqs],
-                                     [s.generator for s in inputs.sampling_seqs], runner.device)
-            sampled = runner.sampler(logits, sb)
+            sb = inputs.sampling or SamplingBatch.build([s.params for s in seqs], runner.device)
+            sampled = runner.sampler(logits, sb, inputs.positions[inputs.sample_indices])
             torch.cuda.synchronize()
         t4 = time.perf_counter()
         for seq, n in batch.items():
             seq.num_computed_tokens += n
-        engine._apply(inputs.sampling_seqs, [[t] for t in sampled.token_ids.tolist()], None)
+        engine._apply(seqs, [[t] for t in sampled.token_ids.tolist()], None)
         t5 = time.perf_counter()
         for name, a, b in (("schedule", t0, t1), ("prepare+h2d", t1, t2), ("forward", t2, t3),
                            ("logits+sample", t3, t4), ("apply", t4, t5), ("total", t0, t5)):
@@ -67,7 +67,7 @@ def workload_breakdown(llm: LLM, name: str) -> None:
     runner, events, starts = engine.runner, [], []
 
     def after_prepare(fn):
-        """Start the GPU span once the step's inputs are built and enqueued (host preparation excluded)."""
+        """Start the GPU span once the step's inputs are on the device (host preparation excluded)."""
         def wrapper(*args, **kwargs):
             result = fn(*args, **kwargs)
             starts.append(torch.cuda.Event(enable_timing=True))
@@ -84,7 +84,8 @@ def workload_breakdown(llm: LLM, name: str) -> None:
             events.append((starts[-1], end))
             return result
         return wrapper
-    runner._prepare = after_prepare(runner._prepare)
+    runner._device_step = after_prepare(runner._device_step)
+    runner._device_continuation = after_prepare(runner._device_continuation)
     runner.execute, runner.execute_decodes = timed(runner.execute), timed(runner.execute_decodes)
     origin = torch.cuda.Event(enable_timing=True)
     origin.record()
@@ -101,7 +102,7 @@ def workload_breakdown(llm: LLM, name: str) -> None:
         kinds[kind][1] += dt
         kinds[kind][2] += sum(len(o.new_token_ids) for o in outs)
     total = time.perf_counter() - start
-    del runner.execute, runner.execute_decodes, runner._prepare
+    del runner.execute, runner.execute_decodes, runner._device_step, runner._device_continuation
     gpu = busy_seconds(events)
     print(f"\n{name}: {total:.2f} s wall, {gpu:.2f} s inside runner calls on the GPU, host gaps "
           f"{total - gpu:.2f} s ({100 * (total - gpu) / total:.1f}%), {len(events)} runner calls")

@@ -14,6 +14,10 @@ from ccserve.config import LOG_LEVELS, EngineConfig, ServerOptions
 from ccserve.privacy.policy import enforce
 
 
+# Shorter spellings the docs use; the field's own flag works too.
+FLAG_ALIASES = {"gpu_weight_budget_gb": ("--gpu-weight-budget",)}
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per EngineConfig field, so the CLI can never drift from the config."""
     parser.add_argument("--model", default=None,
@@ -22,11 +26,29 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if f.name in ("model", "extra"):
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
+        if f.name == "lora_adapters":
+            parser.add_argument("--lora", dest="lora_adapters", nargs="+", action=LoraPairs, metavar="NAME=DIR",
+                                default=None, help="LoRA adapters (PEFT directories), each served as model NAME")
+        elif f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", default=None)
         else:
-            kind = {"int | None": int, "int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=None)
+            kind = {"int | None": int, "int": int, "float": float, "float | None": float}.get(str(f.type), str)
+            parser.add_argument(flag, *FLAG_ALIASES.get(f.name, ()), type=kind, default=None)
+
+
+class LoraPairs(argparse.Action):
+    """`--lora NAME=DIR ...` as the dict EngineConfig.lora_adapters takes."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        pairs = dict(getattr(namespace, self.dest) or {})
+        for value in values:
+            name, sep, path = value.partition("=")
+            if not sep or not name or not path:
+                parser.error(f"--lora takes NAME=DIR pairs (the adapter's name and its PEFT directory), got {value!r}")
+            if name in pairs:
+                parser.error(f"--lora names adapter {name!r} twice")
+            pairs[name] = path
+        setattr(namespace, self.dest, pairs)
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:

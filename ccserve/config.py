@@ -33,6 +33,14 @@ class EngineConfig:
     drops it, "swap" moves it through the channel to host memory as ciphertext under the request's own key
     (needs cc), "auto" swaps when cc is on and the request has at least swap_threshold_tokens computed tokens
     (re-running a long prefill costs more than moving its blocks twice), else recomputes.
+    gpu_weight_budget_gb (GiB) caps the GPU memory of the weights: decoder layers beyond it live in host memory
+    (ciphertext under cc) and stream through a ring of GPU buffers every forward pass (docs/cc.md); None keeps
+    all resident.
+    tensor_parallel_size N > 1 runs the model as a group of N processes, one per visible GPU (docs/tp.md): this
+    process is rank 0 and drives the others; --cc does not yet cover the traffic between them.
+    lora_adapters maps adapter names (what a request's `model` field selects) to PEFT LoRA directories, read at
+    start (docs/lora.md); max_lora_rank is the largest rank accepted, max_loras the GPU adapter cache's slots and
+    so the most distinct adapters one batch holds.
     """
 
     model: str
@@ -56,6 +64,11 @@ class EngineConfig:
     cc_threads: int = 4
     preemption_mode: str = "auto"
     swap_threshold_tokens: int = 256
+    gpu_weight_budget_gb: float | None = None
+    tensor_parallel_size: int = 1
+    lora_adapters: dict[str, str] = field(default_factory=dict)
+    max_lora_rank: int = 64
+    max_loras: int = 4
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -103,6 +116,38 @@ class EngineConfig:
                              "add --cc naive or --cc pipelined, or use --preemption-mode recompute")
         if self.swap_threshold_tokens < 1:
             raise ValueError(f"swap_threshold_tokens must be >= 1, got {self.swap_threshold_tokens}")
+        if self.gpu_weight_budget_gb is not None and not self.gpu_weight_budget_gb > 0:
+            raise ValueError(f"--gpu-weight-budget must be a positive number of GiB, got {self.gpu_weight_budget_gb}")
+        self._validate_tensor_parallel()
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        if not isinstance(self.lora_adapters, dict) or any(
+                not isinstance(k, str) or not k or not isinstance(v, str) for k, v in self.lora_adapters.items()):
+            raise ValueError("lora_adapters must map adapter names to directories (--lora NAME=DIR ...)")
+        if not 1 <= self.max_lora_rank <= 512:
+            raise ValueError(f"max_lora_rank must be in [1, 512] (--max-lora-rank), got {self.max_lora_rank}")
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1 (--max-loras: GPU adapter cache slots), got {self.max_loras}")
+        if self.lora_adapters and self.tensor_parallel_size > 1:
+            raise ValueError("LoRA adapters run with tensor_parallel_size 1 only (for now): drop --lora or "
+                             "--tensor-parallel-size")
+
+    def _validate_tensor_parallel(self) -> None:
+        size = self.tensor_parallel_size
+        if size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1 (--tensor-parallel-size), got {size}")
+        if size == 1:
+            return
+        if self.cc != "off":
+            raise ValueError("--cc does not yet cover the traffic between tensor-parallel ranks: use --cc off with "
+                             "--tensor-parallel-size > 1, or --tensor-parallel-size 1 with --cc")
+        if self.lora_adapters or self.gpu_weight_budget_gb is not None:
+            raise ValueError("LoRA adapters (--lora) and weight streaming (--gpu-weight-budget) do not yet run "
+                             "under tensor parallelism: drop them or use --tensor-parallel-size 1")
+        if self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r} names one GPU, but tensor_parallel_size {size} uses the first "
+                             f"{size} visible GPUs: pass device 'cuda' and choose GPUs with CUDA_VISIBLE_DEVICES")
 
     @property
     def swap_enabled(self) -> bool:

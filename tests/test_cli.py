@@ -33,3 +33,21 @@ def test_bad_setting_exits_with_a_sentence(model_dir, capsys):
         main(["generate", "--model", str(model_dir), "--block-size", "7", "hi"])
     assert exc.value.code == 2
     assert "block_size" in capsys.readouterr().err
+
+
+def test_lora_flag_takes_name_dir_pairs(model_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", str(model_dir), "--lora", "tuned", "hi"])
+    assert exc.value.code == 2 and "NAME=DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:     # parsed into lora_adapters, then refused: not an adapter directory
+        main(["generate", "--model", str(model_dir), "--max-model-len", "64", "--lora", f"tuned={model_dir}",
+              "--max-loras", "2", "hi"])
+    assert exc.value.code == 2
+    assert "LoRA adapter 'tuned'" in capsys.readouterr().err
+
+
+def test_tensor_parallel_flag_reaches_the_engine_checks(model_dir, capsys):
+    with pytest.raises(SystemExit) as exc:     # the tiny llama has 4 heads: refused before any worker starts
+        main(["generate", "--model", str(model_dir), "--tensor-parallel-size", "3", "hi"])
+    assert exc.value.code == 2
+    assert "tensor_parallel_size 3 does not divide the attention heads" in capsys.readouterr().err

@@ -89,6 +89,9 @@ def measurement_config(engine: EngineConfig, server: ServerOptions | None = None
     settings = {**asdict(engine), **(asdict(server) if server else {})}
     for name in _LOCAL_FIELDS:
         settings.pop(name, None)
+    # LoRA adapters are weights too: each name stands with its directory's Merkle root, not its local path.
+    settings["lora_adapters"] = {name: weights_digest(path, progress=False)
+                                 for name, path in settings.get("lora_adapters", {}).items()}
     return dict(settings=settings, public_prefixes=list(public_prefixes or []))
 
 

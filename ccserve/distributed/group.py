@@ -40,6 +40,15 @@ class TensorParallelGroup:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
+    def min_over_ranks(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's `value` (each rank sizes its own KV cache; the group uses the smallest,
+        since every rank holds a slice of the same blocks). device: this rank's (NCCL reduces GPU tensors)."""
+        if self.size == 1:
+            return value
+        x = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.group)
+        return int(x.item())
+
 
 SINGLE = TensorParallelGroup(rank=0, size=1)
 

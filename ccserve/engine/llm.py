@@ -18,14 +18,20 @@ class LLM:
     def __init__(self, model: str, **kwargs) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
 
+    def close(self) -> None:
+        """End the engine's tensor-parallel workers now (they also end when this process exits)."""
+        self.engine.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """Prompts are strings or token-id lists; returns one finished output per prompt, in order."""
+                 use_tqdm: bool = False, lora: str | None | Seq[str | None] = None) -> list[RequestOutput]:
+        """Prompts are strings or token-id lists; returns one finished output per prompt, in order. lora names
+        the configured LoRA adapter to generate with (one for all prompts, or one per prompt; None: the base
+        model)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = params or SamplingParams()
@@ -33,10 +39,13 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(loras)} LoRA adapter names")
         ids = [uuid.uuid4().hex for _ in prompts]
         try:
-            for rid, prompt, p in zip(ids, prompts, params):
-                self.engine.add_request(rid, prompt, p)
+            for rid, prompt, p, name in zip(ids, prompts, params, loras):
+                self.engine.add_request(rid, prompt, p, lora=name)
             return self._run(ids, use_tqdm)
         finally:
             for rid in ids:

@@ -13,6 +13,8 @@ from ccserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from ccserve.engine.scheduler import ScheduledBatch, Scheduler
 from ccserve.engine.sequence import Sequence, SequenceStatus
 from ccserve.engine.swapper import KVSwapper
+from ccserve.engine.tp_checks import check_tensor_parallel_setup
+from ccserve.engine.tp_workers import WorkerExited, WorkerGroup
 from ccserve.kv.block_pool import BlockPool
 from ccserve.layers.sampler import SamplerOutput
 from ccserve.sampling_params import SamplingParams
@@ -25,7 +27,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config)
-        self.runner = ModelRunner(config)
+        self.runner = start_runner(config)
         self.max_model_len = self.runner.max_model_len
         self.vocab_size = self.runner.hf_config.vocab_size
         self.model_name = config.extra.get("served_model_name") or Path(config.model).name
@@ -37,7 +39,8 @@ class LLMEngine:
         self.swapper = (KVSwapper(self.runner.boundary, self.runner.kv_cache, config.cc_threads)
                         if config.swap_enabled else None)
         self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.swap_threshold)
+                                   config.swap_threshold, config.max_loras if config.lora_adapters else None)
+        self.lora_names: list[str] = list(config.lora_adapters)
         self.eos_token_ids = eos_ids(self.runner.hf_config, self.tokenizer)
         self.requests: dict[str, Sequence] = {}
         self.prompt_tokens_total = 0
@@ -46,10 +49,15 @@ class LLMEngine:
 
     # ---- requests --------------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        """Validate and queue a request; raises ValueError naming what is wrong."""
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    lora: str | None = None) -> None:
+        """Validate and queue a request (with `lora`, through that configured LoRA adapter); raises ValueError
+        naming what is wrong."""
         if request_id in self.requests:
             raise ValueError("request_id is already in use by an unfinished request")
+        if lora is not None and lora not in self.lora_names:
+            known = ", ".join(repr(n) for n in self.lora_names) or "none (start with --lora NAME=DIR)"
+            raise ValueError(f"unknown LoRA adapter {lora!r}: this engine serves {known}")
         token_ids = self._tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt is empty: send at least one token")
@@ -61,6 +69,7 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine runs without one (use stop_token_ids)")
         seq = Sequence(request_id, token_ids, params)
+        seq.lora = lora
         seq.stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         if self.tokenizer is not None and params.detokenize:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
@@ -76,6 +85,13 @@ class LLMEngine:
         self._finish(seq, "abort")
         self.runner.scrub(self.pool.take_blocks_to_scrub())
         self._drop_finished_window()
+        self._scrub_if_idle()
+
+    def _scrub_if_idle(self) -> None:
+        """Once the last request is gone and no decode window is in flight, clear what the runner still holds
+        of it (graph inputs and activations, cached pinned host blocks): ModelRunner.scrub_idle."""
+        if self._window is None and not self.scheduler.has_unfinished():
+            self.runner.scrub_idle()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -86,13 +102,38 @@ class LLMEngine:
             num_free_blocks=self.pool.num_free, num_total_blocks=self.pool.num_blocks,
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
-            kv_capacity_tokens=self.pool.num_blocks * self.config.block_size)
+            kv_capacity_tokens=self.pool.num_blocks * self.config.block_size,
+            lora_loads=self.runner.lora.loads if self.runner.lora else 0,
+            lora_hits=self.runner.lora.hits if self.runner.lora else 0)
 
     # ---- the step --------------------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """End the tensor-parallel workers and leave the group (size 1: nothing to end)."""
+        if self.runner.peers is not None:
+            self.runner.peers.close()
+
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch (several decode steps when that is safe). Outputs cover every request
-        that sampled a token or finished."""
+        that sampled a token or finished. Under tensor parallelism, a failed step leaves the ranks out of step
+        (or one of them is gone): the group is ended and every request fails with the reason."""
+        if self.runner.peers is None:
+            outputs = self._step()
+            self._scrub_if_idle()
+            return outputs
+        try:
+            if self.runner.peers.failure is not None:
+                raise WorkerExited(self.runner.peers.failure)
+            outputs = self._step()
+            self._scrub_if_idle()
+            return outputs
+        except Exception as exc:
+            reason = self.runner.peers.lost_reason() or f"tensor-parallel rank 0 failed ({type(exc).__name__})"
+            self.runner.peers.lose(reason)
+            self._fail(list(self.requests.values()))
+            raise WorkerExited(reason) from exc
+
+    def _step(self) -> list[RequestOutput]:
         if self._window is not None:
             return self._finish_window(self._window)
         batch = self.scheduler.schedule()
@@ -107,6 +148,8 @@ class LLMEngine:
             self._prefetch_swap_ins()
         if batch.empty:
             return []
+        if self.runner.lora is not None:
+            self._load_adapters(batch)
         steps = self._decode_steps(batch)
         if steps > 1:
             try:
@@ -166,6 +209,27 @@ class LLMEngine:
                 break
         if upcoming:
             self.swapper.prefetch(upcoming)
+
+    # ---- LoRA adapters --------------------------------------------------------------------------------
+
+    def _load_adapters(self, batch: ScheduledBatch) -> None:
+        """Make the batch's adapters resident in the GPU adapter cache, then tell the cache which adapters the
+        waiting queue needs next (in admission order), so pipelined mode seals them ahead. An adapter message that
+        fails authentication fails the step's requests, as a step message does, and re-keys the adapter channel."""
+        cache = self.runner.lora
+        try:
+            cache.activate({s.lora for s, _ in batch.items() if s.lora is not None})
+        except IntegrityError as exc:
+            self._fail([s for s, _ in batch.items()], exc)
+            cache.reset_if_failed()
+            raise
+        upcoming: list[str] = []
+        for seq in self.scheduler.waiting:
+            if seq.lora is not None and seq.lora not in upcoming:
+                upcoming.append(seq.lora)
+                if len(upcoming) == cache.num_slots:
+                    break
+        cache.prefetch(upcoming)
 
     def _finish_window(self, window: DecodeWindow) -> list[RequestOutput]:
         """Enqueue the window that continues this one (when that is safe) before reading this one, so the
@@ -325,6 +389,23 @@ class LLMEngine:
         if not isinstance(prompt, (list, tuple)):
             raise ValueError("prompt must be a string or a list of token ids")
         return list(prompt)
+
+
+def start_runner(config: EngineConfig) -> ModelRunner:
+    """Size 1: the runner, as always. Size N: check that the group can work before anything starts (shapes,
+    GPUs, memory), start ranks 1..N-1, then build rank 0's runner here; a failure ends the workers."""
+    if config.tensor_parallel_size == 1:
+        return ModelRunner(config)
+    check_tensor_parallel_setup(config)
+    workers = WorkerGroup(config)
+    try:
+        return ModelRunner(config, workers.tp, workers)
+    except BaseException as exc:
+        reason = workers.lost_reason()  # a worker that died while loading is why rank 0's collective failed
+        workers.close()
+        if reason is not None:
+            raise WorkerExited(reason) from exc
+        raise
 
 
 def load_tokenizer(config: EngineConfig):

@@ -3,20 +3,29 @@ samples, and owns the KV cache memory (sizing, allocation, scrubbing)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ccserve.config import EngineConfig
+from ccserve.distributed.env import device_for_rank
+from ccserve.distributed.group import SINGLE, TensorParallelGroup
 from ccserve.engine.boundary import Boundary
 from ccserve.engine.scheduler import ScheduledBatch
 from ccserve.engine.sequence import Sequence
+from ccserve.engine.weight_stream import WeightStream, attach_weight_stream
 from ccserve.kv.cache import KVCache
 from ccserve.kv.formats import kv_format
 from ccserve.layers.attention import Attention, AttentionMetadata
 from ccserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
+from ccserve.lora import AdapterCache, LoraIndex, build_lora
 from ccserve.models.loader import load_model
+from ccserve.sampling_params import SamplingParams
 from ccserve.secure import PendingHost
+
+if TYPE_CHECKING:
+    from ccserve.engine.tp_workers import WorkerGroup
 
 CPU_KV_CACHE_BYTES = 2 << 30
 GPU_MEMORY_MARGIN_BYTES = 512 << 20
@@ -69,7 +78,10 @@ class DecodeWindow:
             return self.sealed.result().tolist()
         if self.copied is not None:
             self.copied.synchronize()
-        return self.host_tokens.tolist()
+        rows = self.host_tokens.tolist()
+        with torch.inference_mode():    # (an inference tensor) pinned blocks are cached and reused: zero it
+            self.host_tokens.zero_()
+        return rows
 
 
 @dataclass
@@ -80,22 +92,67 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     sample_indices: torch.Tensor
-    sampling_seqs: list[Sequence]
-    sampling: SamplingBatch | None = None   # cc mode: came over in the step's message
+    sampling: SamplingBatch | None = None   # cc or tensor parallelism: came over with the step's arrays
+
+
+@dataclass
+class HostStep:
+    """One step's inputs as host arrays and plain numbers: what rank 0 builds from its sequences and, under
+    tensor parallelism, sends to the other ranks (arrays cross the process boundary, Sequence objects never).
+
+    arrays: slot mapping, decode lengths and tables, prefill cu_seqlens, lengths and tables, token ids,
+    positions, sample indices, then the sampling tensors when `sampling` was built on the host (under cc, or
+    under tensor parallelism, where rank 0 draws the seeds so that every rank samples the same tokens)."""
+
+    arrays: list[np.ndarray]
+    num_decodes: int
+    max_prefill_query_len: int
+    num_samples: int
+    sampling: SamplingBatch | None
+
+    @property
+    def decode_only(self) -> bool:
+        return self.max_prefill_query_len == 0
+
+
+@dataclass
+class HostContinuation:
+    """The host part of a decode window that continues the previous window on the device: arrays are the rows
+    that go on (indices into the previous window's rows), their block tables (grown by the host), then the
+    sampling tensors as in HostStep."""
+
+    arrays: list[np.ndarray]
+    sampling: SamplingBatch | None
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig) -> None:
-        self.config = config
+    def __init__(self, config: EngineConfig, tp: TensorParallelGroup = SINGLE,
+                 peers: WorkerGroup | None = None) -> None:
+        """tp: this process's rank of the tensor-parallel group (SINGLE: no group). peers: on rank 0 of a group,
+        the other ranks, which run every step this runner runs (ranks 1..N-1 build their runner without)."""
+        self.config, self.tp, self.peers = config, tp, peers
         self.device = config.torch_device
+        if tp.size > 1:
+            self.device = device_for_rank(tp.rank, tp.size, self.device.type)
         if self.device.type == "cuda":
             if self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
-        self.model, self.hf_config = load_model(config)
+        streaming = config.gpu_weight_budget_gb is not None     # built on the host, then placed (docs/cc.md)
+        self.model, self.hf_config = load_model(config, tp, torch.device("cpu") if streaming else self.device)
+        self.weights: WeightStream | None = None
+        if streaming:
+            self.weights = attach_weight_stream(self.model, self.hf_config.num_hidden_layers,
+                                                config.gpu_weight_budget_gb, config.cc, config.cc_threads, self.device)
         self.dtype = next(self.model.parameters()).dtype
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        # Multi-LoRA (docs/lora.md): only with adapters configured; without, the model has no LoRA code at all.
+        self.lora: AdapterCache | None = None
+        self.lora_index: LoraIndex | None = None
+        if config.lora_adapters:
+            max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs, config.cuda_graph_max_batch)
+            self.lora, self.lora_index = build_lora(config, self.model, max_tokens, self.device, self.dtype)
         self.block_size = config.block_size
         self.max_model_len = resolve_max_model_len(config, self.hf_config)
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size)
@@ -105,11 +162,14 @@ class ModelRunner:
         self.kv_shape = (len(self.attn_layers), layer.num_kv_heads, self.block_size, layer.head_dim)
         self.kv_format = kv_format(config.kv_format).resolve(layer.head_dim, self.block_size)
         num_blocks = config.num_gpu_blocks or self._profile_num_blocks()
+        num_blocks = tp.min_over_ranks(num_blocks, self.device)  # every rank holds a slice of the same blocks
         self.kv_cache = self._new_cache(num_blocks)
         self.kv_cache.bind(self.attn_layers)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_decode_graphs()
+        self.graphs_replayed: set[int] = set()     # batch sizes whose graphs hold a request's data (see scrub_idle)
+        self.ran_since_scrub = False
+        if self.device.type == "cuda" and not config.enforce_eager and self.weights is None:
+            self._capture_decode_graphs()       # streamed weights need host work between layers: run eagerly
 
     @property
     def num_blocks(self) -> int:
@@ -124,14 +184,25 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run one batch; returns the sequences that sampled a token and what the sampler gave them."""
-        inputs = self._prepare(batch)
-        hidden = self._forward(inputs, batch)
-        if not inputs.sampling_seqs:
-            return [], None
+        step, seqs = self._host_step(batch)
+        self._send(("execute", step))
+        return seqs, self.run_step(step, batch.decodes, batch.prefills, [s.params for s in seqs])
+
+    @torch.inference_mode()
+    def run_step(self, step: HostStep, decodes: list[Sequence] = (), prefills: list[tuple[Sequence, int]] = (),
+                 params: list[SamplingParams] | None = None) -> SamplerOutput | None:
+        """Forward and sample one step on this rank (every rank of a group runs it, so the collectives pair up).
+        Rank 0 passes its sequences (adapter slots) and the sampling rows' params (for when the step's sampling
+        settings are built on the device); a worker has the host arrays alone."""
+        self.ran_since_scrub = True
+        inputs = self._device_step(step, decodes, prefills)
+        hidden = self._forward(inputs, step.decode_only)
+        if not step.num_samples:
+            return None
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        batch_params = inputs.sampling or SamplingBatch.build([s.params for s in inputs.sampling_seqs], self.device)
+        batch_params = inputs.sampling or SamplingBatch.build(params, self.device)
         positions = inputs.positions[inputs.sample_indices]
-        return inputs.sampling_seqs, self.sampler(logits, batch_params, positions)
+        return self.sampler(logits, batch_params, positions)
 
     @torch.inference_mode()
     def execute_decodes(self, seqs: list[Sequence], steps: int, after: DecodeWindow | None = None) -> DecodeWindow:
@@ -140,32 +211,60 @@ class ModelRunner:
         the window continues that earlier window on the device (its last tokens are this window's first
         inputs) before the host has read it, so the host's work on one window overlaps the GPU's next one.
         The caller has reserved blocks for all steps; tokens after a stop are discarded by the caller."""
-        batch = ScheduledBatch(decodes=seqs)
-        inputs = self._prepare(batch) if after is None else self._continue(seqs, after)
+        if after is None:
+            step, _ = self._host_step(ScheduledBatch(decodes=seqs))
+        else:
+            step = self._host_continuation(seqs, after)
+        self._send(("decodes", step, steps))
+        tail = None if after is None else (after.last_ids, after.last_positions)
+        outputs, positions = self.run_decodes(step, steps, tail, seqs, [s.params for s in seqs])
+        return DecodeWindow.start(seqs, outputs, positions, self.boundary)
+
+    @torch.inference_mode()
+    def run_decodes(self, step: HostStep | HostContinuation, steps: int,
+                    tail: tuple[torch.Tensor, torch.Tensor] | None = None, seqs: list[Sequence] = (),
+                    params: list[SamplingParams] | None = None) -> tuple[list[SamplerOutput], torch.Tensor]:
+        """The steps of a decode window on this rank: every step's sampler output and the last step's positions.
+        A HostContinuation continues from `tail`, the previous window's last tokens and positions on the device
+        (every rank sampled the same tokens, so each continues from its own copy)."""
+        self.ran_since_scrub = True
+        if isinstance(step, HostStep):
+            inputs = self._device_step(step, seqs, [])
+        else:
+            inputs = self._device_continuation(step, *tail, seqs)
         meta = inputs.meta
-        sampling = inputs.sampling or SamplingBatch.build([s.params for s in seqs], self.device)
+        sampling = inputs.sampling or SamplingBatch.build(params, self.device)
         outputs: list[SamplerOutput] = []
-        for step in range(steps):
-            if step:
+        for i in range(steps):
+            if i:
                 positions = inputs.positions + 1
                 meta = replace(meta, slot_mapping=self._slots(meta.decode_block_tables, positions),
                                decode_seq_lens=meta.decode_seq_lens + 1)
                 inputs = replace(inputs, input_ids=outputs[-1].token_ids, positions=positions, meta=meta)
-            hidden = self._forward(inputs, batch)
+            hidden = self._forward(inputs, decode_only=True)
             outputs.append(self.sampler(self.model.compute_logits(hidden), sampling, inputs.positions))
-        return DecodeWindow.start(seqs, outputs, inputs.positions, self.boundary)
+        return outputs, inputs.positions
 
-    def _continue(self, seqs: list[Sequence], after: DecodeWindow) -> StepInputs:
-        """The first step's inputs of a window that follows `after` on the device, for the rows of `seqs`
-        (a subset of after.seqs, in order); block tables come from the host, which has grown them."""
+    def _host_continuation(self, seqs: list[Sequence], after: DecodeWindow) -> HostContinuation:
+        """The host part of a window that follows `after` on the device, for the rows of `seqs` (a subset of
+        after.seqs, in order); block tables come from the host, which has grown them."""
         row_of = {id(s): i for i, s in enumerate(after.seqs)}
         arrays = [np.asarray([row_of[id(s)] for s in seqs], dtype=np.int64), _pad_tables([s.block_ids for s in seqs])]
-        sampling = self._host_sampling(seqs, arrays)
-        rows, tables, *rest = self.boundary.to_device(arrays)
-        positions = after.last_positions[rows] + 1
+        return HostContinuation(arrays, self._host_sampling(seqs, arrays))
+
+    def _device_continuation(self, step: HostContinuation, last_ids: torch.Tensor, last_positions: torch.Tensor,
+                             seqs: list[Sequence]) -> StepInputs:
+        """The first step's inputs of a continuing window, from the previous window's device state."""
+        rows, tables, *rest = self._to_device(step.arrays, seqs, [])
+        positions = last_positions[rows] + 1
         meta = _decode_only(self._slots(tables, positions), (positions + 1).to(torch.int32), tables)
-        return StepInputs(after.last_ids[rows], positions, meta, torch.arange(len(seqs), device=self.device),
-                          list(seqs), _device_sampling(sampling, rest))
+        return StepInputs(last_ids[rows], positions, meta, torch.arange(rows.shape[0], device=self.device),
+                          _device_sampling(step.sampling, rest))
+
+    def _send(self, command: tuple) -> None:
+        """Under tensor parallelism, hand the step to the other ranks before running it here."""
+        if self.peers is not None:
+            self.peers.send(command)
 
     def _slots(self, tables: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Cache slot of each row's token at `positions`, looked up on the device."""
@@ -173,20 +272,24 @@ class ModelRunner:
         return blocks.long() * self.block_size + positions % self.block_size
 
     def scrub(self, block_ids: list[int]) -> None:
-        """Zero freed blocks in one batched operation (stateless computation)."""
+        """Zero freed blocks in one batched operation (stateless computation), on every rank: each holds its
+        slice of every block. The workers of a lost group ended with their memory; rank 0 still scrubs its own."""
         if block_ids:
+            if self.peers is not None and self.peers.alive:
+                self.peers.send(("scrub", block_ids))
             self.kv_cache.scrub(block_ids)
 
-    def _forward(self, inputs: StepInputs, batch: ScheduledBatch) -> torch.Tensor:
+    def _forward(self, inputs: StepInputs, decode_only: bool) -> torch.Tensor:
         num_tokens = inputs.input_ids.shape[0]
-        if not batch.prefills and self.graphs:
+        if decode_only and self.graphs:
             graph_bs = next((b for b in sorted(self.graphs) if b >= num_tokens), None)
             if graph_bs is not None:
                 return self._replay(inputs, graph_bs)[:num_tokens]
         return self.model(inputs.input_ids, inputs.positions, inputs.meta)
 
-    def _prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Flatten the batch into token, position and slot arrays (decodes first) and copy them over."""
+    def _host_step(self, batch: ScheduledBatch) -> tuple[HostStep, list[Sequence]]:
+        """Flatten the batch into token, position and slot arrays (decodes first); also the sequences that
+        sample a token this step."""
         bs = self.block_size
         decodes = batch.decodes
         pos = [s.num_computed_tokens for s in decodes]
@@ -218,18 +321,38 @@ class ModelRunner:
                   cu_q, np.asarray(seq_lens[nd:], dtype=np.int32), _pad_tables(tables[nd:]),
                   np.asarray(ids, dtype=np.int64), np.concatenate(pos_arrays), np.asarray(sample_idx, dtype=np.int64)]
         host_sampling = self._host_sampling(sampling, arrays)
-        slots, d_lens, d_tables, cu, p_lens, p_tables, ids_t, pos_t, idx_t, *rest = self.boundary.to_device(arrays)
+        max_query_len = max((n for _, n in batch.prefills), default=0)
+        return HostStep(arrays, nd, max_query_len, len(sampling), host_sampling), sampling
+
+    def _device_step(self, step: HostStep, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]
+                     ) -> StepInputs:
+        """Copy the step's arrays over and describe them to attention."""
+        tensors = self._to_device(step.arrays, decodes, prefills)
+        slots, d_lens, d_tables, cu, p_lens, p_tables, ids_t, pos_t, idx_t, *rest = tensors
         meta = AttentionMetadata(
-            slot_mapping=slots, num_decode_tokens=nd, decode_seq_lens=d_lens, decode_block_tables=d_tables,
-            prefill_cu_seqlens_q=cu, prefill_seq_lens=p_lens, prefill_block_tables=p_tables,
-            max_prefill_query_len=max((n for _, n in batch.prefills), default=0),
+            slot_mapping=slots, num_decode_tokens=step.num_decodes, decode_seq_lens=d_lens,
+            decode_block_tables=d_tables, prefill_cu_seqlens_q=cu, prefill_seq_lens=p_lens,
+            prefill_block_tables=p_tables, max_prefill_query_len=step.max_prefill_query_len,
         )
-        return StepInputs(ids_t, pos_t, meta, idx_t, sampling, _device_sampling(host_sampling, rest))
+        return StepInputs(ids_t, pos_t, meta, idx_t, _device_sampling(step.sampling, rest))
+
+    def _to_device(self, arrays: list[np.ndarray], decodes: list[Sequence], prefills: list[tuple[Sequence, int]]
+                   ) -> list[torch.Tensor]:
+        """The step's arrays on the device (one message under cc). With adapters, each token's adapter slot
+        travels last in the same message and becomes the LoRA index of the step."""
+        if self.lora is None:
+            return self.boundary.to_device(arrays)
+        slot = self.lora.slot
+        per_token = [slot(s.lora) for s in decodes] + [slot(s.lora) for s, n in prefills for _ in range(n)]
+        tensors = self.boundary.to_device(arrays + [np.asarray(per_token, dtype=np.int32)])
+        self.lora_index.set(tensors.pop())
+        return tensors
 
     def _host_sampling(self, seqs: list[Sequence], arrays: list[np.ndarray]) -> SamplingBatch | None:
         """Under cc, the step's sampling settings travel in its one message: build them on the host and append
-        their arrays to `arrays`. With cc off they are built on the device later, as always (None)."""
-        if not self.boundary.cc or not seqs:
+        their arrays to `arrays`. Under tensor parallelism likewise, so that rank 0's seeds reach every rank.
+        Otherwise they are built on the device later, as always (None)."""
+        if not (self.boundary.cc or self.tp.size > 1) or not seqs:
             return None
         host = SamplingBatch.build([s.params for s in seqs], "cpu")
         arrays.extend(getattr(host, f).numpy() for f in SAMPLING_TENSORS)
@@ -254,6 +377,8 @@ class ModelRunner:
         pool = None
         for bs in reversed(self._graph_batch_sizes()):
             meta = _decode_only(self.g_slots[:bs], self.g_seq_lens[:bs], self.g_tables[:bs])
+            if self.lora_index is not None:
+                self.lora_index.none(bs)    # the graph reads the index buffer's first bs slots
             self.model(self.g_ids[:bs], self.g_pos[:bs], meta)  # warm-up (Triton compile) outside capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -273,9 +398,42 @@ class ModelRunner:
         self.g_seq_lens[n:graph_bs] = 0
         width = meta.decode_block_tables.shape[1]
         self.g_tables[:n, :width] = meta.decode_block_tables
+        if self.lora_index is not None:
+            self.lora_index.pad(n, graph_bs)
         graph, out = self.graphs[graph_bs]
         graph.replay()
+        self.graphs_replayed.add(graph_bs)
         return out
+
+    @torch.inference_mode()
+    def scrub_idle(self) -> None:
+        """Called when no request is left (rule S: nothing of a request survives it), on every rank. The decode
+        graphs' static inputs still hold the last batch's token ids and positions, and their memory pool its
+        activations and output: the inputs are zeroed (slots -1: no KV write; lengths 0: no KV read) and each
+        graph replayed since the last call runs once on them, writing token 0's activations over the request's.
+        Cached pinned host blocks (step arrays, sampled tokens) go back to the driver. Eager activations freed
+        into the CUDA caching allocator are not reached (docs/privacy.md). Nothing to do if no step ran since."""
+        if not self.ran_since_scrub:
+            return
+        self.ran_since_scrub = False
+        if self.peers is not None and self.peers.alive:
+            self.peers.send(("scrub_idle",))
+        if self.graphs_replayed:
+            self.g_ids.zero_()
+            self.g_pos.zero_()
+            self.g_slots.fill_(-1)
+            self.g_seq_lens.zero_()
+            self.g_tables.zero_()
+            for bs in sorted(self.graphs_replayed):
+                if self.lora_index is not None:
+                    self.lora_index.none(bs)
+                self.graphs[bs][0].replay()
+            self.graphs_replayed.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            release_pinned = getattr(torch.accelerator, "empty_host_cache", None)   # not in every torch 2.x
+            if release_pinned is not None:
+                release_pinned()
 
     # ---- sizing the KV cache ---------------------------------------------------------------------------
 
@@ -305,6 +463,8 @@ class ModelRunner:
         temp.bind(self.attn_layers)
         torch.cuda.reset_peak_memory_stats()
         meta, ids, pos = self._dummy_prefill(tokens, seq_len)
+        if self.lora_index is not None:
+            self.lora_index.none(tokens)
         hidden = self.model(ids, pos, meta)
         rows = min(self.config.max_num_seqs, tokens)
         self.model.compute_logits(hidden[:rows])

@@ -48,3 +48,5 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     kv_capacity_tokens: int = 0     # tokens the KV cache holds in its format (blocks * block_size)
+    lora_loads: int = 0             # LoRA adapters moved into the GPU adapter cache
+    lora_hits: int = 0              # batches' adapters found already resident

@@ -45,9 +45,11 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 swap_threshold: int | None = None) -> None:
-        """swap_threshold None: always recompute (no channel to swap through)."""
+                 swap_threshold: int | None = None, max_loras: int | None = None) -> None:
+        """swap_threshold None: always recompute (no channel to swap through). max_loras: the most distinct LoRA
+        adapters the running requests may use (the GPU adapter cache's slots); None: no adapters."""
         self.pool = pool
+        self.max_loras = max_loras
         self.swap_threshold = swap_threshold
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -84,7 +86,8 @@ class Scheduler:
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(seq.num_uncomputed_tokens, budget)
-            if not self._admissible(seq, n) or not self._grow(seq, seq.num_computed_tokens + n):
+            if not self._adapter_fits(seq) or not self._admissible(seq, n) \
+                    or not self._grow(seq, seq.num_computed_tokens + n):
                 break
             if seq.num_computed_tokens:     # swapped out: its KV comes back into its first new blocks
                 batch.swap_in.append((seq, seq.block_ids[:self._blocks_held(seq)]))
@@ -125,6 +128,15 @@ class Scheduler:
         running sequences outgrow the pool within a few steps and the newcomer is preempted right after its
         prefill (thrashing), and multi-step decode windows cannot reserve their blocks."""
         return self.pool.num_free - self._blocks_short(seq, seq.num_computed_tokens + n) >= len(self.running)
+
+    def _adapter_fits(self, seq: Sequence) -> bool:
+        """Admit while the running requests use at most max_loras distinct adapters, so every batch fits the GPU
+        adapter cache. A request that does not fit waits at the head of the queue (first come, first served:
+        nothing behind it is admitted past it)."""
+        if self.max_loras is None or seq.lora is None:
+            return True
+        active = {s.lora for s in self.running if s.lora is not None}
+        return seq.lora in active or len(active) < self.max_loras
 
     def _blocks_short(self, seq: Sequence, num_tokens: int) -> int:
         """How many more blocks seq needs to hold num_tokens tokens."""

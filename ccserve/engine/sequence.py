@@ -27,6 +27,7 @@ class Sequence:
         self.prompt_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
+        self.lora: str | None = None        # the LoRA adapter's name (docs/lora.md), None: the base model
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []

@@ -1,7 +1,8 @@
 """What the weight loader asks of a tensor-parallel layer: the part of a full checkpoint tensor this rank keeps.
 
-Checkpoints store every tensor whole; each rank reads the whole tensor and keeps its slice, so the loader and
-the checkpoint format know nothing of tensor parallelism beyond this one method.
+Checkpoints store every tensor whole; rank_slice gets either a tensor or the loader's CheckpointTensor (a shape
+and a narrow() that reads only the part asked for), so each rank reads just its slice, and the loader and the
+checkpoint format know nothing of tensor parallelism beyond this one method.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Build a model from an HF-format directory: read config.json, construct the model directly on the target
 device in the compute dtype, then fill it from the safetensors files (or with dummy values).
 
-Under tensor parallelism every rank builds its share of the model and keeps its slice of each checkpoint
-tensor (layers/sharding.py); the checkpoint itself is read whole by each rank."""
+Under tensor parallelism every rank builds its share of the model and reads only its slice of each checkpoint
+tensor that is split (layers/sharding.py, CheckpointTensor); tensors every rank holds whole are read whole."""
 from __future__ import annotations
 
 import json
@@ -39,9 +39,11 @@ def load_model(config: EngineConfig, tp: TensorParallelGroup = SINGLE,
     with _default_dtype(dtype), torch.device(device or config.torch_device):
         model = model_class(hf_config, tp)
     if config.load_format == "dummy":
-        init_dummy_weights(model, config.seed)
+        # Built on the host for a GPU (weight streaming): draw the values on the GPU, as a resident build does.
+        on_host_for_gpu = device is not None and device.type == "cpu" and config.torch_device.type == "cuda"
+        init_dummy_weights(model, config.seed, torch.device("cuda") if on_host_for_gpu else None)
     else:
-        model.load_weights(iterate_safetensors(safetensors_files(config.model)))
+        model.load_weights(iterate_safetensors(safetensors_files(config.model), lazy=tp.size > 1))
     return model.eval(), hf_config
 
 
@@ -121,11 +123,31 @@ def safetensors_files(model_dir: str) -> list[Path]:
     return files
 
 
-def iterate_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_safetensors(files: list[Path], lazy: bool = False
+                        ) -> Iterator[tuple[str, torch.Tensor | CheckpointTensor]]:
+    """Every tensor of the checkpoint, read whole; lazy (tensor parallelism): not read yet, so that a rank
+    reads only its slice of each split tensor (each item must be used before the next is drawn)."""
     for file in tqdm(files, desc="Loading safetensors", unit="file"):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, CheckpointTensor(f, name) if lazy else f.get_tensor(name)
+
+
+class CheckpointTensor:
+    """A checkpoint tensor not read yet: its shape, narrow() reads only the part asked for (safetensors
+    get_slice), read() the whole. What a tensor-parallel layer's rank_slice needs, so host memory and disk reads
+    per rank do not grow with the model's share that other ranks hold."""
+
+    def __init__(self, file, name: str) -> None:
+        self.file, self.name = file, name
+        self.view = file.get_slice(name)
+        self.shape = torch.Size(self.view.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        return self.view[(slice(None),) * dim + (slice(start, start + length),)]
+
+    def read(self) -> torch.Tensor:
+        return self.file.get_tensor(self.name)
 
 
 @torch.no_grad()
@@ -155,6 +177,8 @@ def load_params(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                 tensor = owner.rank_slice(name.rpartition(".")[2], tensor, shard)
             except ValueError as e:
                 raise ValueError(f"checkpoint tensor {ckpt_name!r} {e}") from e
+        if isinstance(tensor, CheckpointTensor):  # not split (norms, replicated biases): read it whole
+            tensor = tensor.read()
         if dest.shape != tensor.shape:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, but "
                              f"{type(model).__name__} expects {tuple(dest.shape)}: config.json does not match "
@@ -178,18 +202,25 @@ def _shards(model: nn.Module, param_name: str) -> list[int | None]:
 
 
 @torch.no_grad()
-def init_dummy_weights(model: nn.Module, seed: int) -> None:
+def init_dummy_weights(model: nn.Module, seed: int, draw_on: torch.device | None = None) -> None:
     """Deterministic random weights generated on the device (seconds for 8B on a GPU), for benchmarks that
-    need the shapes but not the values. Norm scales are 1 and shifts 0, so activations keep a sane size."""
+    need the shapes but not the values. Norm scales are 1 and shifts 0, so activations keep a sane size.
+    draw_on: draw the values there and copy them in (a model built on the host for a GPU: the CPU draws ~0.3 GB/s,
+    minutes for a 30B model; the GPU gives the values a resident build would have)."""
     generator = None
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if isinstance(module, (RMSNorm, nn.LayerNorm)):
                 param.fill_(1.0 if name == "weight" else 0.0)
                 continue
+            where = draw_on or param.device
             if generator is None:
-                generator = torch.Generator(param.device).manual_seed(seed)
-            param.uniform_(-DUMMY_RANGE, DUMMY_RANGE, generator=generator)
+                generator = torch.Generator(where).manual_seed(seed)
+            if where == param.device:
+                param.uniform_(-DUMMY_RANGE, DUMMY_RANGE, generator=generator)
+            else:
+                drawn = torch.empty(param.shape, dtype=param.dtype, device=where)
+                param.copy_(drawn.uniform_(-DUMMY_RANGE, DUMMY_RANGE, generator=generator))
 
 
 @contextmanager

@@ -158,6 +158,30 @@ FEATURES: tuple[Feature, ...] = (
             "it crosses only through the encrypted channel and rests as ciphertext under the request's own key, "
             "destroyed (crypto-shredded) when the request ends; its GPU blocks are scrubbed; swap needs --cc",
             fields=("preemption_mode", "swap_threshold_tokens"), enabled=lambda s: s.config.swap_enabled),
+    Feature("weight streaming", "E",
+            "decoder layers beyond --gpu-weight-budget rest in host memory and cross the GPU boundary every forward "
+            "pass, where the host could read or swap them",
+            "with --cc naive or pipelined they rest as ciphertext under the process's weight key and cross through "
+            "the authenticated channel, so an altered layer fails its pass (IntegrityError) and only the loaded "
+            "weights run; with --cc off they rest and cross in the clear, as every transfer does then; weights "
+            "carry no request data (docs/cc.md)",
+            fields=("gpu_weight_budget_gb",), enabled=lambda s: s.config.gpu_weight_budget_gb is not None),
+    Feature("tensor parallelism", "S",
+            "every step's activations cross between the GPUs of the node (all-reduce, all-gather) and each step's "
+            "token ids, positions and block tables go from the main process to every worker process",
+            "none yet on the GPU-to-GPU links (--cc is refused with --tensor-parallel-size > 1 until the "
+            "collectives are sealed, docs/tp.md); the worker processes live and die with the main process and "
+            "scrub their slice of every freed KV block",
+            fields=("tensor_parallel_size",), enabled=lambda s: s.config.tensor_parallel_size > 1),
+    Feature("LoRA adapters", "TV",
+            "a per-user adapter is an identity to schedule or route by, and an adapter outside the measurement is "
+            "code nobody verified",
+            "adapters are declared at start (--lora) and measured with the release (each directory's Merkle root); "
+            "a request names one in its model field, and the scheduler admits first come first served (the "
+            "per-batch adapter limit --max-loras makes the head of the queue wait, never overtakes it); adapters "
+            "cross through their own encrypted channel under --cc; metrics count loads and hits in aggregate "
+            "(docs/lora.md)",
+            fields=("lora_adapters", "max_lora_rank", "max_loras"), enabled=lambda s: bool(s.config.lora_adapters)),
     # ---- not in ccserve: what a future implementation must put in force --------------------------------
     Feature("prefix caching", "SE", "one request's KV outlives it and can be inferred by others sharing the cache",
             "when built: off under pcc except operator-declared public prefixes; per-tenant with expiry under "
@@ -165,13 +189,6 @@ FEATURES: tuple[Feature, ...] = (
     Feature("disk offload", "SE", "a request's KV lands on storage that outlives the request",
             "when built: ciphertext under a per-request key that is destroyed at the end (crypto-shredding)",
             present=False),
-    Feature("weight streaming", "E", "weights cross the GPU boundary at run time, where they could be swapped",
-            "when built: through the authenticated channel, so only the measured weights can run",
-            present=False),
-    Feature("LoRA adapters", "TV", "a per-user adapter is an identity to schedule or route by, and an adapter "
-            "outside the measurement is code nobody verified",
-            "when built: adapters declared in the measured config, scheduled first come first served, moved "
-            "through the encrypted channel", present=False),
     Feature("speculative decoding", "S", "context- or database-based drafts keep tokens of past requests",
             "when built: draft state per request only, no cross-request database", present=False),
     Feature("KV duplication", "ST", "copies of a request's KV outlive it on other nodes and let an attacker "

@@ -126,9 +126,12 @@ class Channel:
 
     # ---- the recipe -------------------------------------------------------------------------------------------
 
-    def to_device(self, src: torch.Tensor, key: Hashable | None = None) -> torch.Tensor:
+    def to_device(self, src: torch.Tensor, key: Hashable | None = None, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
         """Move a contiguous host tensor to the device; `key` names the transfer for prediction (default: the
-        host pointer and size)."""
+        host pointer and size). `out` (cc modes): a contiguous uint8 device buffer of at least the size rounded up
+        to 16 bytes to decrypt into, so a caller can keep fixed buffers (weight streaming's ring); the caller
+        guarantees nothing on the device uses it until this returns."""
         self._check_open()
         if src.device.type != "cpu" or not src.is_contiguous():
             raise ValueError("to_device takes a contiguous CPU tensor")
@@ -144,8 +147,8 @@ class Channel:
         if spec is not None:
             self._drain(spec.counter)
             return self._open_h2d(Sealed(spec.wire, spec.nbytes, Lane.H2D_SPECULATIVE, src.shape, src.dtype),
-                                  skip_to=spec.counter)
-        return self._open_h2d(self.seal_h2d(src))
+                                  skip_to=spec.counter, out=out)
+        return self._open_h2d(self.seal_h2d(src), out=out)
 
     def to_host(self, src: torch.Tensor, key: Hashable | None = None) -> torch.Tensor:
         """Move a device tensor to ordinary host memory. The result is remembered as a future to_device source
@@ -264,7 +267,8 @@ class Channel:
 
     # ---- internals --------------------------------------------------------------------------------------------
 
-    def _open_h2d(self, sealed: Sealed, skip_to: int | None = None) -> torch.Tensor:
+    def _open_h2d(self, sealed: Sealed, skip_to: int | None = None, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
         self._check_open()
         if skip_to is not None:
             self._recv[sealed.lane].skip_to(skip_to)
@@ -276,7 +280,8 @@ class Channel:
                 wire = alloc_wire(nbytes, self.chunk_bytes, self.device)
                 size = wire_bytes(nbytes, self.chunk_bytes)
                 wire[:size].copy_(sealed.wire[:size], non_blocking=True)
-            out = alloc_plain(nbytes, self.device)
+            if out is None:
+                out = alloc_plain(nbytes, self.device)
             ok = gcm_decrypt(self._dev_h2d, wire, out, nbytes, self.chunk_bytes, sealed.lane, start)
             verified = bool(ok.all())  # waits for this stream only, not for compute on the caller's stream
         if not verified:

@@ -64,11 +64,13 @@ class HostStore:
                             Lane.HOST_STORE, counter)
         own.items[name] = _Item(wire, nbytes, counter, src.shape, src.dtype)
 
-    def get(self, owner: Hashable, name: Hashable) -> torch.Tensor:
-        """Verify and decrypt an item; raises IntegrityError if its ciphertext was altered."""
+    def get(self, owner: Hashable, name: Hashable, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Verify and decrypt an item; raises IntegrityError if its ciphertext was altered. `out`: a contiguous
+        uint8 CPU buffer of at least the item's size to decrypt into (a reused staging buffer: no page faults of
+        a fresh allocation per call); the result is a view of its first bytes."""
         own = self._owner(owner)
         item = own.items[name]
-        out = torch.empty(item.nbytes, dtype=torch.uint8)
+        out = torch.empty(item.nbytes, dtype=torch.uint8) if out is None else out.view(-1)[:item.nbytes]
         if item.nbytes and not own.cipher.open(item.wire.numpy(), out.numpy(), item.nbytes, self.chunk_bytes,
                                                Lane.HOST_STORE, item.counter):
             out.zero_()

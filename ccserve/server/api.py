@@ -81,7 +81,10 @@ def build_app(engine: LLMEngine, served_model_name: str | None = None, max_queue
 
     @app.get("/v1/models")
     async def models() -> p.ModelList:
-        return p.ModelList(data=[p.ModelCard(id=model_name, max_model_len=engine.max_model_len)])
+        base = p.ModelCard(id=model_name, max_model_len=engine.max_model_len)
+        adapters = [p.ModelCard(id=name, parent=model_name, max_model_len=engine.max_model_len)
+                    for name in engine.lora_names]
+        return p.ModelList(data=[base, *adapters])
 
     @app.get("/health")
     async def health() -> Response:

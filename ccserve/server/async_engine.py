@@ -111,8 +111,10 @@ class AsyncEngine:
     def healthy(self) -> bool:
         return not self.closed and self._thread is not None and self._thread.is_alive()
 
-    async def add(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestStream:
-        """Admit a request and return its stream once the engine accepted it.
+    async def add(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                  lora: str | None = None) -> RequestStream:
+        """Admit a request (through the LoRA adapter `lora`, if given) and return its stream once the engine
+        accepted it.
 
         Raises QueueFull, EngineClosed, or the engine's ValueError (a bad request, in a sentence).
         """
@@ -122,7 +124,7 @@ class AsyncEngine:
             raise QueueFull()
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        self._submit(("add", request_id, prompt, params))
+        self._submit(("add", request_id, prompt, params, lora))
         try:
             first = await queue.get()
         except BaseException:

@@ -220,6 +220,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "ccserve"
+    parent: str | None = None       # a LoRA adapter's base model, as vLLM lists adapters
     max_model_len: int
 
 

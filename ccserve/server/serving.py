@@ -38,8 +38,9 @@ T = TypeVar("T")
 class _Job:
     """One admitted request: its stream, its timings, and how it ended (for the metrics)."""
 
-    def __init__(self, endpoint: str, stream: RequestStream, metrics: ServerMetrics) -> None:
+    def __init__(self, endpoint: str, stream: RequestStream, metrics: ServerMetrics, model: str) -> None:
         self.endpoint = endpoint
+        self.model = model  # what responses name: the served model, or the LoRA adapter the request chose
         self.stream = stream
         self.metrics = metrics
         self.start = time.monotonic()
@@ -131,11 +132,15 @@ class OpenAIServing:
         self.max_model_len: int = engine.engine.max_model_len
         self.model_name = model_name
         self.metrics = metrics
+        self.adapters: list[str] = list(engine.engine.lora_names)
+        if model_name in self.adapters:
+            raise ValueError(f"LoRA adapter name {model_name!r} is also the served model's name: rename the adapter "
+                             "(--lora NAME=DIR) so that the model field can tell them apart")
 
     # ---- /v1/completions -----------------------------------------------------------------------------
 
     async def completion(self, req: p.CompletionRequest, request: Request) -> Response:
-        self._check(req)
+        lora = self._check(req)
         prompt = req.single_prompt()
         if isinstance(prompt, str):
             prompt_ids = await asyncio.to_thread(self._encode, prompt, True)
@@ -143,7 +148,7 @@ class OpenAIServing:
             prompt_ids = list(prompt)
         params = self._params(req, len(prompt_ids), req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, req.logprobs,
                               "prompt")
-        job = await self._admit("completions", prompt_ids, params)
+        job = await self._admit("completions", prompt_ids, params, lora)
         if req.stream:
             return EventStream(self._completion_events(job, req), job)
         out = await until_disconnected(request, self._collect(job))
@@ -153,7 +158,7 @@ class OpenAIServing:
             return Response(status_code=499)
         lps = self._completion_logprobs(out.logprobs, 0) if req.logprobs is not None else None
         choice = p.CompletionChoice(text=out.text, logprobs=lps, finish_reason=finish_reason(out))
-        body = p.CompletionResponse(id=f"cmpl-{job.stream.request_id}", model=self.model_name, choices=[choice],
+        body = p.CompletionResponse(id=f"cmpl-{job.stream.request_id}", model=job.model, choices=[choice],
                                     usage=usage(out))
         return JSONResponse(body.model_dump())
 
@@ -169,9 +174,9 @@ class OpenAIServing:
                     lps = self._completion_logprobs(out.new_logprobs, len(out.text) - len(out.new_text))
                 choice = p.CompletionChoice(text=out.new_text, logprobs=lps,
                                             finish_reason=finish_reason(out) if out.finished else None)
-                yield sse(p.CompletionResponse(id=rid, model=self.model_name, choices=[choice]))
+                yield sse(p.CompletionResponse(id=rid, model=job.model, choices=[choice]))
             if req.stream_options and req.stream_options.include_usage:
-                yield sse(p.CompletionResponse(id=rid, model=self.model_name, choices=[], usage=usage(out)))
+                yield sse(p.CompletionResponse(id=rid, model=job.model, choices=[], usage=usage(out)))
         except (EngineError, EngineClosed) as exc:
             job.outcome = "error"
             yield sse_failure(exc)
@@ -180,12 +185,12 @@ class OpenAIServing:
     # ---- /v1/chat/completions ------------------------------------------------------------------------
 
     async def chat(self, req: p.ChatCompletionRequest, request: Request) -> Response:
-        self._check(req)
+        lora = self._check(req)
         prompt_ids = await asyncio.to_thread(self._chat_prompt, req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = self._params(req, len(prompt_ids), max_tokens, None, top, "messages")
-        job = await self._admit("chat_completions", prompt_ids, params)
+        job = await self._admit("chat_completions", prompt_ids, params, lora)
         if req.stream:
             return EventStream(self._chat_events(job, req), job)
         out = await until_disconnected(request, self._collect(job))
@@ -195,14 +200,14 @@ class OpenAIServing:
             return Response(status_code=499)
         choice = p.ChatChoice(message=p.AssistantMessage(content=out.text), finish_reason=finish_reason(out),
                               logprobs=self._chat_logprobs(out.logprobs) if req.logprobs else None)
-        body = p.ChatCompletionResponse(id=f"chatcmpl-{job.stream.request_id}", model=self.model_name,
+        body = p.ChatCompletionResponse(id=f"chatcmpl-{job.stream.request_id}", model=job.model,
                                         choices=[choice], usage=usage(out))
         return JSONResponse(body.model_dump())
 
     async def _chat_events(self, job: _Job, req: p.ChatCompletionRequest) -> AsyncIterator[str]:
         def chunk(delta: p.Delta, **kwargs) -> str:
             choice = p.ChatChunkChoice(delta=delta, **kwargs)
-            return sse(p.ChatCompletionChunk(id=rid, model=self.model_name, choices=[choice]))
+            return sse(p.ChatCompletionChunk(id=rid, model=job.model, choices=[choice]))
 
         rid = f"chatcmpl-{job.stream.request_id}"
         yield chunk(p.Delta(role="assistant", content=""))
@@ -215,7 +220,7 @@ class OpenAIServing:
                 yield chunk(p.Delta(content=out.new_text), logprobs=lps,
                             finish_reason=finish_reason(out) if out.finished else None)
             if req.stream_options and req.stream_options.include_usage:
-                yield sse(p.ChatCompletionChunk(id=rid, model=self.model_name, choices=[], usage=usage(out)))
+                yield sse(p.ChatCompletionChunk(id=rid, model=job.model, choices=[], usage=usage(out)))
         except (EngineError, EngineClosed) as exc:
             job.outcome = "error"
             yield sse_failure(exc)
@@ -236,13 +241,16 @@ class OpenAIServing:
 
     # ---- shared --------------------------------------------------------------------------------------
 
-    def _check(self, req: p.CompletionRequest | p.ChatCompletionRequest) -> None:
-        if req.model is not None and req.model != self.model_name:
-            raise ApiError(404, f"model not found: this server serves {self.model_name!r}", param="model",
-                           code="model_not_found")
+    def _check(self, req: p.CompletionRequest | p.ChatCompletionRequest) -> str | None:
+        """Refuse what cannot be served; returns the LoRA adapter the model field selects (None: the base model)."""
+        if req.model is not None and req.model != self.model_name and req.model not in self.adapters:
+            served = ", ".join(repr(n) for n in [self.model_name, *self.adapters])
+            raise ApiError(404, f"model not found: the model field must name one this server serves: {served}",
+                           param="model", code="model_not_found")
         unsupported = req.unsupported()
         if unsupported is not None:
             raise ApiError(400, unsupported[1], param=unsupported[0], code="unsupported")
+        return req.model if req.model in self.adapters else None
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if self.tokenizer is None:
@@ -269,12 +277,12 @@ class OpenAIServing:
                            code="context_length_exceeded")
         return params
 
-    async def _admit(self, endpoint: str, prompt_ids: list[int], params: SamplingParams) -> _Job:
+    async def _admit(self, endpoint: str, prompt_ids: list[int], params: SamplingParams, lora: str | None) -> _Job:
         try:
-            stream = await self.engine.add(uuid.uuid4().hex, prompt_ids, params)
+            stream = await self.engine.add(uuid.uuid4().hex, prompt_ids, params, lora)
         except ValueError as exc:
             raise ApiError(400, str(exc), code="invalid_value") from None
-        return _Job(endpoint, stream, self.metrics)
+        return _Job(endpoint, stream, self.metrics, lora or self.model_name)
 
     async def _collect(self, job: _Job) -> RequestOutput | EngineError | EngineClosed:
         """The finished output, or the engine failure that ended the request."""

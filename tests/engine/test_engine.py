@@ -242,3 +242,27 @@ def test_no_window_outlives_its_requests(model_dirs):
         engine.step()
     engine.abort_request("x")
     assert engine._window is None and not engine.has_unfinished_requests()
+
+
+def test_runner_state_is_scrubbed_when_the_engine_goes_idle(model_dirs):
+    """Once the last request is done (finished or aborted) the runner clears what it still holds of it
+    (ModelRunner.scrub_idle), once: a window's pinned token copy is zeroed as soon as it is read."""
+    engine = LLMEngine(EngineConfig(model=str(model_dirs["llama"]), max_model_len=128, num_gpu_blocks=32))
+    calls = []
+    scrub_idle = engine.runner.scrub_idle
+    engine.runner.scrub_idle = lambda: calls.append(engine.runner.ran_since_scrub) or scrub_idle()
+    engine.add_request("a", prompts_of(1, seed=5)[0], SamplingParams(max_tokens=12, ignore_eos=True))
+    windows = []
+    start = engine.runner.execute_decodes
+    engine.runner.execute_decodes = lambda *a, **k: windows.append(start(*a, **k)) or windows[-1]
+    while engine.has_unfinished_requests():
+        assert not any(calls), "scrubbed while a request was still running"
+        engine.step()
+    assert calls[-1] is True and not engine.runner.ran_since_scrub
+    assert windows and all(not w.host_tokens.any() for w in windows), "read token copies must be zeroed"
+    engine.step()                                   # idle: nothing ran since, nothing to do
+    assert not engine.runner.ran_since_scrub
+    engine.add_request("b", prompts_of(1, seed=6)[0], SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    engine.abort_request("b")
+    assert calls[-1] is True and not engine.runner.ran_since_scrub

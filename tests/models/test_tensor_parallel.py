@@ -134,3 +134,25 @@ def test_size_one_runs_no_collective(tiny_model_dir, monkeypatch, family):
     path = tiny_model_dir(family, tie_word_embeddings=False)
     model, _ = load_model(EngineConfig(model=str(path), device="cpu"))
     assert len(run_greedy(model)["tokens"]) == len(PROMPT_LENGTHS) - 1
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_a_rank_reads_only_its_slice_of_split_tensors(tiny_model_dir, monkeypatch, family):
+    """Rank 1 of 2 (no collective runs while loading, so no process group is needed here) reads whole only the
+    tensors it keeps whole; that its slices are the right ones, the TP=2 logits above show."""
+    from ccserve.distributed.group import TensorParallelGroup
+    from ccserve.models.loader import CheckpointTensor
+
+    read_whole = []
+    read = CheckpointTensor.read
+    monkeypatch.setattr(CheckpointTensor, "read", lambda self: read_whole.append(self.name) or read(self))
+    config = EngineConfig(model=str(tiny_model_dir(family, tie_word_embeddings=False)), device="cpu")
+    whole, _ = load_model(config)
+    ours, _ = load_model(config, TensorParallelGroup(rank=1, size=2, group=object()))
+    full = dict(whole.named_parameters())
+    for name, param in ours.named_parameters():
+        if param.shape == full[name].shape:
+            assert torch.equal(param, full[name]), name
+        else:
+            assert param.numel() * 2 == full[name].numel(), name
+    assert read_whole and not [n for n in read_whole if n.endswith(("proj.weight", "fc1.weight", "fc2.weight"))]

@@ -166,3 +166,14 @@ def test_async_d2h_off_mode_is_a_plain_copy():
     with Channel("cpu", mode="off") as ch:
         t = torch.arange(5)
         assert torch.equal(ch.to_host_async(t).result(), t)
+
+
+@pytest.mark.parametrize("mode", ["naive", "pipelined"])
+def test_to_device_decrypts_into_a_given_buffer(mode):
+    """A caller's fixed device buffer (weight streaming's ring slot) receives the plaintext; nothing else is made."""
+    t = _tensor((3, 1001), torch.float32, seed=4)
+    out = torch.full((t.nbytes + 64,), 7, dtype=torch.uint8)
+    with Channel("cpu", mode=mode, threads=2, chunk_bytes=4096) as ch:
+        got = ch.to_device(t, out=out)
+        assert torch.equal(got, t) and got.data_ptr() == out.data_ptr()
+        assert torch.equal(out[:t.nbytes].view(torch.float32).view(t.shape), t)

@@ -81,3 +81,15 @@ def test_owner_keys_are_distinct(store):
     store.put("a", "x", t)
     store.put("b", "x", t)
     assert not torch.equal(store.ciphertext("a", "x"), store.ciphertext("b", "x"))
+
+
+def test_get_into_a_reused_buffer(store):
+    store.open("w")
+    a, b = torch.arange(3000, dtype=torch.int32), torch.arange(10, dtype=torch.int32) * 5
+    store.put("w", "a", a)
+    store.put("w", "b", b)
+    buf = torch.empty(a.nbytes, dtype=torch.uint8)
+    got = store.get("w", "a", out=buf)
+    assert torch.equal(got, a) and got.data_ptr() == buf.data_ptr()
+    assert torch.equal(store.get("w", "b", out=buf), b)
+    store.end("w")
