@@ -324,8 +324,9 @@ class DeviceKey:
         return self._tables[name]
 
     def zeroize(self) -> None:
-        for t in self._tables.values():
-            t.zero_()
+        with torch.inference_mode():    # the tables may have been built inside inference mode (an engine's runner)
+            for t in self._tables.values():
+                t.zero_()
         self._tables = {}
         self._aead = None
         self._h = 0

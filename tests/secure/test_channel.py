@@ -177,3 +177,12 @@ def test_to_device_decrypts_into_a_given_buffer(mode):
         got = ch.to_device(t, out=out)
         assert torch.equal(got, t) and got.data_ptr() == out.data_ptr()
         assert torch.equal(out[:t.nbytes].view(torch.float32).view(t.shape), t)
+
+
+def test_channel_built_in_inference_mode_closes_cleanly():
+    """An engine builds its channels inside torch.inference_mode (the runner's methods); closing one later,
+    outside it, must still zero the key tables (it raised on the H100: in-place update of an inference tensor)."""
+    with torch.inference_mode():
+        channel = Channel(torch.device("cpu"), mode="naive", threads=1)
+        channel.to_device(torch.arange(64, dtype=torch.uint8), key=("x",))
+    channel.close()
