@@ -179,10 +179,14 @@ def test_to_device_decrypts_into_a_given_buffer(mode):
         assert torch.equal(out[:t.nbytes].view(torch.float32).view(t.shape), t)
 
 
-def test_channel_built_in_inference_mode_closes_cleanly():
-    """An engine builds its channels inside torch.inference_mode (the runner's methods); closing one later,
-    outside it, must still zero the key tables (it raised on the H100: in-place update of an inference tensor)."""
+def test_key_tables_built_in_inference_mode_zeroize():
+    """An engine builds its channels, and so the GPU key tables, inside torch.inference_mode (the runner's
+    methods); closing later, outside it, must still zero the tables (it raised on the H100: in-place update of
+    an inference tensor). The triton backend builds the same tables on CPU tensors."""
+    from ccserve.kernels.aes_gcm import DeviceKey
     with torch.inference_mode():
-        channel = Channel(torch.device("cpu"), mode="naive", threads=1)
-        channel.to_device(torch.arange(64, dtype=torch.uint8), key=("x",))
-    channel.close()
+        key = DeviceKey(bytes(range(32)), "cpu", backend="triton")
+    tables = list(key._tables.values())
+    assert tables and any(t.any() for t in tables)
+    key.zeroize()
+    assert not any(t.any() for t in tables)
