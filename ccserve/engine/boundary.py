@@ -14,6 +14,7 @@ import torch
 
 from ccserve.config import EngineConfig
 from ccserve.secure import Channel, FifoPredictor, PendingHost
+from ccserve.secure.totals import CryptoTotals
 
 STEP_KEY = ("step",)
 ALIGN = 8   # every array starts at a multiple of 8 bytes, so int64 / float32 views of the message are legal
@@ -23,6 +24,7 @@ class Boundary:
     def __init__(self, config: EngineConfig, device: torch.device) -> None:
         self.config, self.device = config, device
         self.channel: Channel | None = self._new_channel() if config.cc != "off" else None
+        self.retired = CryptoTotals()       # counters of channels closed by a re-key
 
     @property
     def cc(self) -> bool:
@@ -36,8 +38,16 @@ class Boundary:
         """A channel that failed an integrity check stays closed (its lock-step IVs can no longer be trusted):
         re-key with a new one so that the requests not in the failed message continue."""
         if self.channel is not None and self.channel.failed:
+            self.retired.add_channel(self.channel)
             self.channel.close()
             self.channel = self._new_channel()
+
+    def totals(self) -> CryptoTotals:
+        """Crypto counters of this boundary (step messages, sampled tokens, KV swap) since the engine started."""
+        totals = CryptoTotals()
+        totals.add(self.retired)
+        totals.add_channel(self.channel)
+        return totals
 
     def to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """The step's host arrays on the device: one copy each (cc off), or one authenticated message (cc)."""

@@ -19,6 +19,7 @@ from ccserve.kv.block_pool import BlockPool
 from ccserve.layers.sampler import SamplerOutput
 from ccserve.sampling_params import SamplingParams
 from ccserve.secure import IntegrityError
+from ccserve.secure.totals import CryptoTotals
 
 SWAP_PREFETCH_DEPTH = 2    # swapped requests sealed ahead (pipelined mode)
 
@@ -104,7 +105,18 @@ class LLMEngine:
             generation_tokens_total=self.generation_tokens_total,
             kv_capacity_tokens=self.pool.num_blocks * self.config.block_size,
             lora_loads=self.runner.lora.loads if self.runner.lora else 0,
-            lora_hits=self.runner.lora.hits if self.runner.lora else 0)
+            lora_hits=self.runner.lora.hits if self.runner.lora else 0,
+            crypto=self._crypto_totals())
+
+    def _crypto_totals(self) -> CryptoTotals:
+        """Every channel the engine moves data through: steps, tokens and KV swap (the boundary), LoRA adapter
+        loads, streamed weights."""
+        totals = self.runner.boundary.totals()
+        if self.runner.lora is not None:
+            totals.add(self.runner.lora.totals())
+        if self.runner.weights is not None:
+            totals.add_channel(self.runner.weights.loader.channel)
+        return totals
 
     # ---- the step --------------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ccserve.secure.totals import CryptoTotals
+
 
 @dataclass
 class TokenLogprob:
@@ -50,3 +52,4 @@ class EngineStats:
     kv_capacity_tokens: int = 0     # tokens the KV cache holds in its format (blocks * block_size)
     lora_loads: int = 0             # LoRA adapters moved into the GPU adapter cache
     lora_hits: int = 0              # batches' adapters found already resident
+    crypto: CryptoTotals = field(default_factory=CryptoTotals)   # all channels (--cc): bytes, predictions, waits

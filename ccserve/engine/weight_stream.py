@@ -179,6 +179,8 @@ def pack(layer: nn.Module, slot: torch.Tensor, flat: torch.Tensor) -> torch.Tens
 class PinnedLoader:
     """cc off: plaintext layers in pinned host memory, copied on a side stream at the bus rate."""
 
+    channel = None      # no encrypted channel (SealedLoader has one): nothing for the crypto counters
+
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None

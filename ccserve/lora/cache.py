@@ -19,6 +19,7 @@ import torch
 from ccserve.layers.lora import LoraTarget
 from ccserve.lora.adapter import LoraAdapter
 from ccserve.secure import Channel, Schedule, SchedulePredictor
+from ccserve.secure.totals import CryptoTotals
 
 
 class AdapterCache:
@@ -33,6 +34,7 @@ class AdapterCache:
         self.layouts = {a.name: [(m, *(t.shape for t in a.weights[m])) for m in targets if m in a.weights]
                         for a in adapters}
         self.channel: Channel | None = None
+        self.retired = CryptoTotals()       # counters of channels closed by a re-key
         self._open_channel()
         self.loads = 0
         self.hits = 0
@@ -68,8 +70,16 @@ class AdapterCache:
         """After an integrity failure the channel is closed for good: re-key. The adapter whose message failed
         was never marked resident, so its next use loads it again."""
         if self.channel is not None and self.channel.failed:
+            self.retired.add_channel(self.channel)
             self.channel.close()
             self._open_channel()
+
+    def totals(self) -> CryptoTotals:
+        """Crypto counters of adapter loads since start (closed channels included)."""
+        totals = CryptoTotals()
+        totals.add(self.retired)
+        totals.add_channel(self.channel)
+        return totals
 
     def _free_slot(self, keep: set[str]) -> int:
         used = set(self.resident.values())

@@ -80,6 +80,7 @@ class ChannelStats:
     d2h_bytes: int = 0
     sealed_on_demand_bytes: int = 0
     seal_s: float = 0.0         # critical-path time sealing on demand (naive mode, and pipeline misses)
+    open_s: float = 0.0         # host time waiting for device->host messages and verifying/decrypting them
 
 
 class Channel:
@@ -159,7 +160,9 @@ class Channel:
         self.stats.d2h_bytes += src.nbytes
         if self.mode == "off":
             return src.to("cpu")
+        t0 = time.perf_counter()
         out = self.open_d2h(self.seal_d2h(src))
+        self.stats.open_s += time.perf_counter() - t0
         self.hint(SwapOut(self.register(out, key)))
         return out
 
@@ -215,12 +218,14 @@ class Channel:
         return pending
 
     def _collect(self, pending: PendingHost) -> torch.Tensor:
+        t0 = time.perf_counter()
         while pending.out is None:
             first = self._unread.popleft()
             if first.event is not None:
                 first.event.synchronize()
             first.out = self.open_d2h(first.sealed)
             first.sealed = None
+        self.stats.open_s += time.perf_counter() - t0
         return pending.out
 
     def seal_d2h(self, src: torch.Tensor) -> Sealed:

@@ -57,6 +57,7 @@ class Speculation:
 
 @dataclass
 class PipelineStats:
+    speculated: int = 0         # predicted transfers sealed ahead (started)
     hits: int = 0
     misses: int = 0
     stale: int = 0
@@ -92,6 +93,7 @@ class Pipeline:
             if (self.pending or self.burned) and self.inflight_bytes + src.nbytes > self.budget_bytes:
                 return
             self.pending[key] = self._start(key, src)
+            self.stats.speculated += 1
 
     def _start(self, key: Hashable, src: torch.Tensor) -> Speculation:
         nbytes = src.nbytes

@@ -47,6 +47,21 @@ class _EngineCollector(Collector):
                                   value=s.lora_loads)
         yield CounterMetricFamily("ccserve_lora_cache_hits", "Batch adapters found resident in the GPU adapter cache",
                                   value=s.lora_hits)
+        c = s.crypto
+        yield CounterMetricFamily("ccserve_cc_h2d_bytes", "Bytes sent host to GPU through the encrypted channels",
+                                  value=c.h2d_bytes)
+        yield CounterMetricFamily("ccserve_cc_d2h_bytes", "Bytes sent GPU to host through the encrypted channels",
+                                  value=c.d2h_bytes)
+        yield CounterMetricFamily("ccserve_cc_speculations", "Transfers sealed ahead on a prediction",
+                                  value=c.speculated)
+        yield CounterMetricFamily("ccserve_cc_speculation_hits", "Transfers that used their sealed-ahead copy",
+                                  value=c.speculation_hits)
+        yield CounterMetricFamily("ccserve_cc_relinquished", "Sealed-ahead copies given up (no IV reused)",
+                                  value=c.relinquished)
+        yield CounterMetricFamily("ccserve_cc_unpredicted", "Transfers sealed on demand (no prediction)",
+                                  value=c.unpredicted)
+        yield CounterMetricFamily("ccserve_cc_wait_seconds", "Host time on the critical path waiting on crypto",
+                                  value=c.wait_s)
 
 
 class ServerMetrics:

@@ -136,6 +136,12 @@ def test_swap_preemption_gives_the_output_of_no_preemption(model_dirs, cc, kv_fo
     assert engine.scheduler.num_swaps > 0 and engine.swapper.swapped_in_bytes > 0
     if cc == "pipelined":
         assert engine.runner.boundary.channel.pipeline.stats.hits > 0   # swap-ins were sealed ahead
+    crypto = engine.stats().crypto                                      # what /metrics shows, summed
+    assert crypto.h2d_bytes > engine.swapper.swapped_in_bytes and crypto.d2h_bytes > 0 and crypto.wait_s > 0
+    if cc == "pipelined":
+        assert crypto.speculated >= crypto.speculation_hits > 0
+    else:
+        assert crypto.speculated == crypto.speculation_hits == 0
     assert_nothing_left(engine)
 
 
@@ -226,6 +232,7 @@ def test_aborting_a_request_sealed_ahead_relinquishes_it_and_the_rest_runs_on(mo
     relinquished = stats.relinquished
     engine.abort_request(seq.request_id)
     assert stats.relinquished == relinquished + 1 and owner not in engine.swapper.store
+    assert engine.stats().crypto.relinquished == stats.relinquished
     done = {}
     while engine.has_unfinished_requests():
         done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})

@@ -113,6 +113,7 @@ def test_models_health_metrics(server: LiveServer) -> None:
     assert metric(text, "ccserve_kv_blocks_total") == 48
     assert metric(text, "ccserve_kv_capacity_tokens") == 48 * server.engine.config.block_size
     assert metric(text, "ccserve_time_to_first_token_seconds_count") >= 1
+    assert metric(text, "ccserve_cc_h2d_bytes_total") == 0 == metric(text, "ccserve_cc_wait_seconds_total")  # cc off
 
 
 def test_no_debug_endpoints(server: LiveServer) -> None:
