@@ -1,13 +1,19 @@
-"""Tensor parallelism on one host's GPUs, model level (phase 1 of issue 10: no engine yet).
+"""Tensor parallelism on one host's GPUs, model level (phases 1 and 3 of issue 10: no engine), plain or sealed.
 
 For each size in SIZES, `size` processes (one per visible GPU, NCCL, NVLink multicast off) load the model shape
 with dummy weights and time, on rank 0: a decode step of batch B at CONTEXT tokens (CUDA graph, all-reduces
 captured inside it) for each B in BATCHES, and one prefill forward of PREFILL tokens (eager). Before timing,
 a tiny random Llama's fp32 logits at that size are checked against the whole model on rank 0's GPU.
+Each size > 1 runs once per mode in CC: "off" (NCCL collectives) or "naive"/"pipelined" (sealed collectives,
+ccserve/distributed/sealed.py; the two modes seal collectives alike). Sealed collectives are not capturable, so
+their decode runs eagerly: every run also times the eager decode ("decode_eager_ms"), and a sealed run's
+"cc_cost_vs_off_eager" compares it with the same size's eager "off" decode (the sealing alone) while
+"decode_ms" against "off"'s graph decode is what a user sees.
 
 Usage (on the GPU machine, repository root): python bench/gpu_tp.py
 Env: MODEL (bench/models/<name>, default llama3-8b), SIZES (default "1,2"), BATCHES (default "1,64,256"),
-CONTEXT (1024), PREFILL (8192), OUT (directory for the JSON), CCSERVE_COMMIT; CPU_SMOKE=1 runs the same code on
+CONTEXT (1024), PREFILL (8192), CC (default "off"; e.g. "off,pipelined"), OUT (directory for the JSON),
+CCSERVE_COMMIT; CPU_SMOKE=1 runs the same code on
 the CPU with gloo and a tiny model (checks the script itself, times nothing of interest).
 """
 from __future__ import annotations
@@ -28,6 +34,7 @@ from ccserve.config import EngineConfig  # noqa: E402
 from ccserve.distributed.env import MULTICAST_OFF, device_for_rank  # noqa: E402
 from ccserve.distributed.group import SINGLE, destroy_tensor_parallel, init_tensor_parallel  # noqa: E402
 from ccserve.distributed.launch import spawn  # noqa: E402
+from ccserve.distributed.sealed import SealedTensorParallelGroup  # noqa: E402
 from ccserve.layers.attention import AttentionMetadata  # noqa: E402
 from ccserve.models.loader import load_model  # noqa: E402
 
@@ -109,11 +116,14 @@ def check_tiny(tp, device: torch.device, tiny_dir: str) -> float:
 
 
 @torch.inference_mode()
-def rank_main(rank: int, size: int, init_method: str, model_dir: str, tiny_dir: str, out: str) -> None:
+def rank_main(rank: int, size: int, init_method: str, model_dir: str, tiny_dir: str, out: str, cc: str) -> None:
     device = device_for_rank(rank, size, DEVICE_TYPE)
     tp = init_tensor_parallel(rank, size, init_method, device)
+    if cc != "off":
+        tp = SealedTensorParallelGroup(tp, device)
     try:
-        result = dict(size=size, tiny_max_abs_diff=check_tiny(tp, device, tiny_dir), decode_ms={})
+        result = dict(size=size, cc=cc, tiny_max_abs_diff=check_tiny(tp, device, tiny_dir), decode_ms={},
+                      decode_eager_ms={})
         dtype = "float32" if SMOKE else "bfloat16"
         model, hf = load_model(EngineConfig(model=model_dir, load_format="dummy", dtype=dtype, device=DEVICE_TYPE),
                                tp, device)
@@ -127,8 +137,8 @@ def rank_main(rank: int, size: int, init_method: str, model_dir: str, tiny_dir: 
             ids = torch.randint(4, hf.vocab_size, (batch,), device=device)
             pos = torch.full((batch,), context, dtype=torch.int64, device=device)
             step = lambda: model(ids, pos, meta)  # noqa: E731
-            if DEVICE_TYPE == "cuda":
-                step()
+            result["decode_eager_ms"][batch] = timed_ms(step, 20)
+            if DEVICE_TYPE == "cuda" and tp.capturable:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     model(ids, pos, meta)
@@ -138,7 +148,7 @@ def rank_main(rank: int, size: int, init_method: str, model_dir: str, tiny_dir: 
         ids = torch.randint(4, hf.vocab_size, (prefill,), device=device)
         result["prefill_ms"] = timed_ms(lambda: model(ids, pos, meta), 5)
         if rank == 0:
-            Path(out, f"size{size}.json").write_text(json.dumps(result))
+            Path(out, f"size{size}-{cc}.json").write_text(json.dumps(result))
     finally:
         destroy_tensor_parallel(tp)
 
@@ -152,13 +162,19 @@ def main() -> None:
         model_dir = tiny if SMOKE else str(Path(__file__).resolve().parent / "models" /
                                            os.environ.get("MODEL", "llama3-8b"))
         results = []
+        modes = os.environ.get("CC", "off").split(",")
         for size in _ints("SIZES", "1,2"):
-            spawn(rank_main, size, model_dir, tiny, tmp)
-            results.append(json.loads(Path(tmp, f"size{size}.json").read_text()))
-            print(results[-1], flush=True)
+            for cc in modes if size > 1 else ["off"]:     # size 1 has no collective to seal
+                spawn(rank_main, size, model_dir, tiny, tmp, cc)
+                results.append(json.loads(Path(tmp, f"size{size}-{cc}.json").read_text()))
+                print(results[-1], flush=True)
     base = results[0]
+    plain = {r["size"]: r for r in results if r["cc"] == "off"}
     for r in results:
         r["decode_speedup_vs_first"] = {b: base["decode_ms"][b] / ms for b, ms in r["decode_ms"].items()}
+        if r["cc"] != "off" and r["size"] in plain:
+            off = plain[r["size"]]["decode_eager_ms"]
+            r["cc_cost_vs_off_eager"] = {b: ms / off[b] - 1 for b, ms in r["decode_eager_ms"].items()}
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if DEVICE_TYPE == "cuda" else None
     record = dict(commit=commit(), machine=machine(), gpus=torch.cuda.device_count(), nccl=nccl,
                   env={k: os.environ.get(k) for k in MULTICAST_OFF},

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ccserve import LLM, SamplingParams  # noqa: E402
 from ccserve.bench.throughput import commit, machine  # noqa: E402
 from ccserve.kv.formats import PRESETS  # noqa: E402
+from ccserve.kv.sparsity import kept_share  # noqa: E402
 from ccserve.layers.attention import AttentionMetadata  # noqa: E402
 from ccserve.models.default import default_model_dir  # noqa: E402
 
@@ -79,9 +80,11 @@ def prompt_set(tokenizer, n: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def perplexity(llm: LLM, windows: list[list[int]], chunk: int) -> float:
+def perplexity(llm: LLM, windows: list[list[int]], chunk: int, kept: list[float] | None = None) -> float:
     """exp(mean NLL) of every next token of the windows, prefilled together chunk by chunk through the paged
-    cache of the engine's runner (its own blocks, contiguous per window)."""
+    cache of the engine's runner (its own blocks, contiguous per window). Under --kv-sparsity each chunk prunes
+    after its attention, as an engine step does, and `kept` receives the share of (token, layer, head) entries
+    the windows kept at the end."""
     runner = llm.engine.runner
     per_window = -(-len(windows[0]) // BLOCK_SIZE)
     tables = torch.arange(len(windows) * per_window, dtype=torch.int32).view(len(windows), per_window)
@@ -102,6 +105,7 @@ def perplexity(llm: LLM, windows: list[list[int]], chunk: int) -> float:
             decode_block_tables=tables[:0], prefill_cu_seqlens_q=torch.tensor([0] + q_lens).cumsum(0).to(torch.int32),
             prefill_seq_lens=lens, prefill_block_tables=tables, max_prefill_query_len=max(q_lens))
         hidden = runner.model(torch.tensor(ids), torch.cat(pos), meta)
+        runner.apply_sparsity(meta)
         logprobs = torch.log_softmax(runner.model.compute_logits(hidden).float(), dim=-1)
         offset = 0
         for w, tokens in enumerate(windows):
@@ -111,6 +115,8 @@ def perplexity(llm: LLM, windows: list[list[int]], chunk: int) -> float:
             nll -= logprobs[rows, torch.tensor(targets, dtype=torch.long)].sum().item()
             count += len(targets)
             offset += n
+    if kept is not None and runner.kv_cache.sparse is not None:
+        kept.append(kept_share(runner.kv_cache.sparse, tables, lens).mean().item())
     runner.scrub(tables.flatten().tolist())
     return math.exp(nll / count)
 

@@ -29,6 +29,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if f.name == "lora_adapters":
             parser.add_argument("--lora", dest="lora_adapters", nargs="+", action=LoraPairs, metavar="NAME=DIR",
                                 default=None, help="LoRA adapters (PEFT directories), each served as model NAME")
+        elif f.name == "public_prefixes":
+            parser.add_argument("--public-prefix-file", dest="public_prefixes", action=PublicPrefixFile,
+                                metavar="FILE", default=None,
+                                help="operator-declared public prompt prefixes (system prompts), cached at start and "
+                                "measured with the release: a JSON list of texts, {\"system\": text} chat system "
+                                "messages or token id lists, or a text file "
+                                "that is one prefix (repeatable; docs/privacy.md)")
         elif f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", default=None)
         else:
@@ -49,6 +56,23 @@ class LoraPairs(argparse.Action):
                 parser.error(f"--lora names adapter {name!r} twice")
             pairs[name] = path
         setattr(namespace, self.dest, pairs)
+
+
+class PublicPrefixFile(argparse.Action):
+    """`--public-prefix-file FILE` (repeatable) as the list EngineConfig.public_prefixes takes: a `.json` file is a
+    list of prefixes (texts, {"system": text} or token id lists), any other file is one text prefix, exactly as
+    written."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        try:
+            with open(value, encoding="utf-8") as f:
+                text = f.read()
+            prefixes = json.loads(text) if value.endswith(".json") else [text]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            parser.error(f"--public-prefix-file {value!r} cannot be read: {exc}")
+        if not isinstance(prefixes, list):
+            parser.error(f"--public-prefix-file {value!r}: a .json file must hold a list of prefixes")
+        setattr(namespace, self.dest, list(getattr(namespace, self.dest) or []) + prefixes)
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:

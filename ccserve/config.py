@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ccserve.kv.formats import kv_format as _kv_format
+from ccserve.kv.sparsity import IMPORTANCE_MODES
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PRIVACY_POLICIES = ("pcc", "open")
@@ -27,6 +28,10 @@ class EngineConfig:
     privacy names the policy the settings are judged by (ccserve/privacy/): "pcc" refuses settings that
     break a Private Cloud Compute rule, "open" allows them and `ccserve audit` reports the threat.
     kv_format names how keys and values are stored (ccserve/kv/formats.py): "bf16" is the model's dtype.
+    kv_sparsity R (docs/kv.md) keeps about R of each request's cached tokens per layer, shared unequally by its KV
+    heads by importance; the first kv_sink_tokens and the last kv_recent_window tokens are always kept;
+    kv_importance picks the score: "accumulated" (LeanKV/H2O: mean attention over every query so far) or "window"
+    (SnapKV-style: the latest step's queries only). None (the default) keeps every token.
     cc (docs/cc.md) sends every host<->device transfer of the engine through the encrypted channel
     (ccserve/secure/): "off" copies in the clear, "naive" seals on demand, "pipelined" seals predicted transfers
     ahead on cc_threads workers. preemption_mode picks what happens to a preempted request's KV: "recompute"
@@ -37,10 +42,17 @@ class EngineConfig:
     (ciphertext under cc) and stream through a ring of GPU buffers every forward pass (docs/cc.md); None keeps
     all resident.
     tensor_parallel_size N > 1 runs the model as a group of N processes, one per visible GPU (docs/tp.md): this
-    process is rank 0 and drives the others; --cc does not yet cover the traffic between them.
+    process is rank 0 and drives the others; with --cc the collectives between them carry only AES-GCM sealed
+    payloads (per-link keys), and KV swap stays off (preemption recomputes) until each rank swaps its slice.
     lora_adapters maps adapter names (what a request's `model` field selects) to PEFT LoRA directories, read at
     start (docs/lora.md); max_lora_rank is the largest rank accepted, max_loras the GPU adapter cache's slots and
     so the most distinct adapters one batch holds.
+    public_prefixes are operator-declared public prompt prefixes (texts, {"system": text} chat system messages or
+    token id lists, tokenized as the requests they serve are: engine/public_prefixes.py): their whole KV blocks are
+    computed at start, held for the process lifetime and shared read-only by every request whose prompt starts with
+    them (kv/prefix_cache.py); they are part of the measured configuration (attest/measure.py).
+    enable_prefix_caching asks for prefix caching of request content (per tenant, with expiry): the pcc policy
+    refuses it, and it is not built yet (the engine refuses it too).
     """
 
     model: str
@@ -59,6 +71,10 @@ class EngineConfig:
     cuda_graph_max_batch: int = 512
     num_decode_steps: int = 8
     kv_format: str = "bf16"
+    kv_sparsity: float | None = None
+    kv_recent_window: int = 32
+    kv_sink_tokens: int = 4
+    kv_importance: str = "accumulated"
     privacy: str = "pcc"
     cc: str = "off"
     cc_threads: int = 4
@@ -69,6 +85,8 @@ class EngineConfig:
     lora_adapters: dict[str, str] = field(default_factory=dict)
     max_lora_rank: int = 64
     max_loras: int = 4
+    public_prefixes: list[str | dict[str, str] | list[int]] = field(default_factory=list)
+    enable_prefix_caching: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,6 +120,7 @@ class EngineConfig:
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ValueError(f"num_gpu_blocks must be >= 1, got {self.num_gpu_blocks}")
         _kv_format(self.kv_format)      # raises naming --kv-format and the choices
+        self._validate_sparsity()
         if self.privacy not in PRIVACY_POLICIES:
             raise ValueError(f"privacy must be 'pcc' (the default) or 'open', got {self.privacy!r}")
         if self.cc not in CC_MODES:
@@ -120,6 +139,42 @@ class EngineConfig:
             raise ValueError(f"--gpu-weight-budget must be a positive number of GiB, got {self.gpu_weight_budget_gb}")
         self._validate_tensor_parallel()
         self._validate_lora()
+        self._validate_public_prefixes()
+
+    def _validate_sparsity(self) -> None:
+        r = self.kv_sparsity
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1):
+            raise ValueError(f"--kv-sparsity must be a ratio in (0, 1] (the share of each request's cached tokens "
+                             f"kept; leave it out for no sparsity), got {r!r}")
+        if not isinstance(self.kv_recent_window, int) or self.kv_recent_window < 1:
+            raise ValueError(f"--kv-recent-window must be an integer >= 1 (the newest tokens every head keeps), "
+                             f"got {self.kv_recent_window!r}")
+        if not isinstance(self.kv_sink_tokens, int) or self.kv_sink_tokens < 0:
+            raise ValueError(f"--kv-sink-tokens must be an integer >= 0 (the first tokens every head keeps), "
+                             f"got {self.kv_sink_tokens!r}")
+        if self.kv_importance not in IMPORTANCE_MODES:
+            raise ValueError(f"--kv-importance must be one of {', '.join(IMPORTANCE_MODES)}, "
+                             f"got {self.kv_importance!r}")
+        if r is not None and self.tensor_parallel_size > 1:
+            raise ValueError("--kv-sparsity does not yet run under tensor parallelism (each rank holds some KV heads, "
+                             "and the heads share one budget): drop it or use --tensor-parallel-size 1")
+        if r is not None and (self.public_prefixes or self.enable_prefix_caching):
+            raise ValueError("--kv-sparsity prunes tokens per request, but prefix blocks are shared by many requests: "
+                             "drop --kv-sparsity, or the public prefixes / prefix caching")
+
+    def _validate_public_prefixes(self) -> None:
+        for prefix in self.public_prefixes:
+            text = prefix.get("system") if isinstance(prefix, dict) and set(prefix) == {"system"} else prefix
+            if isinstance(text, str) and text:
+                continue
+            if not isinstance(prefix, list) or not prefix or any(
+                    isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in prefix):
+                raise ValueError("public_prefixes must be a list of non-empty texts, {\"system\": text} chat system "
+                                 "messages or token id lists (--public-prefix-file FILE: a JSON list of them, or a "
+                                 "text file)")
+        if self.public_prefixes and self.kv_sparsity is not None:
+            raise ValueError("public prefixes (--public-prefix-file) and --kv-sparsity do not run together yet: a "
+                             "request's importance scores would land in the shared prefix blocks; drop one of them")
 
     def _validate_lora(self) -> None:
         if not isinstance(self.lora_adapters, dict) or any(
@@ -139,9 +194,10 @@ class EngineConfig:
             raise ValueError(f"tensor_parallel_size must be >= 1 (--tensor-parallel-size), got {size}")
         if size == 1:
             return
-        if self.cc != "off":
-            raise ValueError("--cc does not yet cover the traffic between tensor-parallel ranks: use --cc off with "
-                             "--tensor-parallel-size > 1, or --tensor-parallel-size 1 with --cc")
+        if self.preemption_mode == "swap":
+            raise ValueError("--preemption-mode swap does not yet run under tensor parallelism (only rank 0's slice "
+                             "of the KV would move): use --preemption-mode recompute, or auto (which recomputes "
+                             "under tensor parallelism), or --tensor-parallel-size 1")
         if self.lora_adapters or self.gpu_weight_budget_gb is not None:
             raise ValueError("LoRA adapters (--lora) and weight streaming (--gpu-weight-budget) do not yet run "
                              "under tensor parallelism: drop them or use --tensor-parallel-size 1")
@@ -152,7 +208,7 @@ class EngineConfig:
     @property
     def swap_enabled(self) -> bool:
         """Whether preemption may swap KV out (else it always recomputes)."""
-        return self.cc != "off" and self.preemption_mode in ("swap", "auto")
+        return self.cc != "off" and self.preemption_mode in ("swap", "auto") and self.tensor_parallel_size == 1
 
     @property
     def swap_threshold(self) -> int | None:

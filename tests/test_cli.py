@@ -51,3 +51,29 @@ def test_tensor_parallel_flag_reaches_the_engine_checks(model_dir, capsys):
         main(["generate", "--model", str(model_dir), "--tensor-parallel-size", "3", "hi"])
     assert exc.value.code == 2
     assert "tensor_parallel_size 3 does not divide the attention heads" in capsys.readouterr().err
+
+
+def test_public_prefix_file_is_measured(model_dir, tmp_path, capsys):
+    """The release's measured configuration holds the prefix file's content: edit the file, the measurement moves."""
+    prefixes = tmp_path / "system.txt"
+    digests = []
+    for text in ("You are a helpful assistant.", "You are a helpful assistant!"):
+        prefixes.write_text(text)
+        main(["release", "--model", str(model_dir), "--public-prefix-file", str(prefixes), "--dry-run"])
+        digests.append(json.loads(capsys.readouterr().out)["config"])
+    listed = tmp_path / "prefixes.json"
+    listed.write_text(json.dumps(["You are a helpful assistant!"]))
+    main(["release", "--model", str(model_dir), "--public-prefix-file", str(listed), "--dry-run"])
+    digests.append(json.loads(capsys.readouterr().out)["config"])
+    assert digests[0] != digests[1] == digests[2]
+
+
+def test_prefix_caching_flags_are_refused_or_checked(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", str(model_dir), "--enable-prefix-caching", "hi"])
+    assert exc.value.code == 2 and "stateless computation (S)" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"system": "not a list"}')
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", str(model_dir), "--public-prefix-file", str(bad), "hi"])
+    assert exc.value.code == 2 and "must hold a list" in capsys.readouterr().err

@@ -22,8 +22,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_server_args(release)
     release.add_argument("--config", default=None, help="JSON file of engine and server settings, as for `audit` "
                          "(flags override it)")
-    release.add_argument("--public-prefix", action="append", default=[], dest="public_prefixes",
-                         help="an operator-declared public prompt prefix (repeatable); part of the measured config")
     release.add_argument("--log", required=False, default=None, help="the log directory (`ccserve log init`)")
     release.add_argument("--log-key", default=None, help="file holding the log's signing key")
     release.add_argument("--dry-run", action="store_true", help="print the measurement; append nothing")
@@ -73,7 +71,7 @@ def cmd_release(args: argparse.Namespace) -> None:
     engine_base, server_base = load_config_file(args.config) if args.config else ({}, {})
     engine, server = effective_config(args, engine_base), server_options(args, server_base)
     enforce(engine, server)  # a release the node would refuse to start with is no release
-    config = measurement_config(engine, server, args.public_prefixes)
+    config = measurement_config(engine, server)
     measurement = measure(config, engine.model)
     print(json.dumps({"measurement": measurement.digest, **measurement.record()}, indent=1))
     if args.dry_run:

@@ -82,17 +82,19 @@ def code_digest(package_dir: str | Path | None = None) -> str:
     return hashlib.sha256(manifest.encode()).hexdigest()
 
 
-def measurement_config(engine: EngineConfig, server: ServerOptions | None = None,
-                       public_prefixes: list[str] | None = None) -> dict:
+def measurement_config(engine: EngineConfig, server: ServerOptions | None = None) -> dict:
     """The effective configuration a release and a node measure: every setting that changes what the node does
-    with a request, and none of the machine-local ones (model path, port), so one release covers many nodes."""
+    with a request, and none of the machine-local ones (model path, port), so one release covers many nodes.
+    The public prefixes (texts or token ids, as declared) stand on their own, so a client reading the release's
+    configuration sees which prefixes the node caches."""
     settings = {**asdict(engine), **(asdict(server) if server else {})}
+    public_prefixes = settings.pop("public_prefixes")
     for name in _LOCAL_FIELDS:
         settings.pop(name, None)
     # LoRA adapters are weights too: each name stands with its directory's Merkle root, not its local path.
     settings["lora_adapters"] = {name: weights_digest(path, progress=False)
                                  for name, path in settings.get("lora_adapters", {}).items()}
-    return dict(settings=settings, public_prefixes=list(public_prefixes or []))
+    return dict(settings=settings, public_prefixes=public_prefixes)
 
 
 def config_document(config: dict) -> bytes:

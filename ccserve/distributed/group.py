@@ -22,6 +22,7 @@ class TensorParallelGroup:
     rank: int
     size: int
     group: dist.ProcessGroup | None = None
+    capturable = True   # NCCL collectives replay inside CUDA graphs (the sealed group's do not)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -39,6 +40,9 @@ class TensorParallelGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+    def close(self) -> None:
+        """Nothing to release: plain collectives hold no keys (the sealed group zeroizes its own)."""
 
     def min_over_ranks(self, value: int, device: torch.device) -> int:
         """The smallest of every rank's `value` (each rank sizes its own KV cache; the group uses the smallest,
@@ -69,6 +73,8 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
 
 
 def destroy_tensor_parallel(tp: TensorParallelGroup) -> None:
-    """Leave the group (frees NCCL communicators, so a worker exits without leaking them)."""
+    """Leave the group (frees NCCL communicators, so a worker exits without leaking them; a sealed group zeroizes
+    its link keys first)."""
+    tp.close()
     if tp.group is not None and dist.is_initialized():
         dist.destroy_process_group()

@@ -10,6 +10,7 @@ from ccserve.config import EngineConfig
 from ccserve.engine.detokenizer import IncrementalDetokenizer
 from ccserve.engine.model_runner import DecodeWindow, ModelRunner
 from ccserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
+from ccserve.engine.public_prefixes import build_prefix_cache
 from ccserve.engine.scheduler import ScheduledBatch, Scheduler
 from ccserve.engine.sequence import Sequence, SequenceStatus
 from ccserve.engine.swapper import KVSwapper
@@ -37,6 +38,16 @@ class LLMEngine:
             raise ValueError(f"the KV cache holds {capacity} tokens, less than max_model_len {self.max_model_len}: "
                              "lower max_model_len or give the cache more memory")
         self.pool = BlockPool(self.runner.num_blocks)
+        if config.enable_prefix_caching:
+            raise ValueError("per-tenant prefix caching (enable_prefix_caching) is not built yet: declare public "
+                             "prefixes instead (--public-prefix-file, docs/privacy.md)")
+        self.prefix_cache = build_prefix_cache(config.public_prefixes, self.tokenizer, self.runner, self.pool,
+                                               config.block_size, config.max_num_batched_tokens)
+        if self.pool.num_free * config.block_size < self.max_model_len:
+            raise ValueError(f"after the public prefixes' {self.prefix_cache.num_blocks} KV blocks the cache holds "
+                             f"{self.pool.num_free * config.block_size} tokens, less than max_model_len "
+                             f"{self.max_model_len}: declare fewer prefixes, lower max_model_len or give the cache "
+                             "more memory")
         self.swapper = (KVSwapper(self.runner.boundary, self.runner.kv_cache, config.cc_threads)
                         if config.swap_enabled else None)
         self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
@@ -71,6 +82,8 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this engine runs without one (use stop_token_ids)")
         seq = Sequence(request_id, token_ids, params)
         seq.lora = lora
+        if lora is None:    # an adapter changes every layer's keys and values, the prefix's too
+            seq.shared_block_ids = self.prefix_cache.match(token_ids)
         seq.stop_token_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         if self.tokenizer is not None and params.detokenize:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids, params)
@@ -106,6 +119,9 @@ class LLMEngine:
             kv_capacity_tokens=self.pool.num_blocks * self.config.block_size,
             lora_loads=self.runner.lora.loads if self.runner.lora else 0,
             lora_hits=self.runner.lora.hits if self.runner.lora else 0,
+            num_public_prefix_blocks=self.prefix_cache.num_blocks,
+            prefix_cache_hits=self.scheduler.num_prefix_hits,
+            prefix_cache_tokens_saved=self.scheduler.num_prefix_tokens_saved,
             crypto=self._crypto_totals())
 
     def _crypto_totals(self) -> CryptoTotals:

@@ -17,6 +17,7 @@ from ccserve.engine.sequence import Sequence
 from ccserve.engine.weight_stream import WeightStream, attach_weight_stream
 from ccserve.kv.cache import KVCache
 from ccserve.kv.formats import kv_format
+from ccserve.kv.sparsity import STATE_BYTES, SparsityPolicy, prune
 from ccserve.layers.attention import Attention, AttentionMetadata
 from ccserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from ccserve.lora import AdapterCache, LoraIndex, build_lora
@@ -161,6 +162,7 @@ class ModelRunner:
         layer = self.attn_layers[0]
         self.kv_shape = (len(self.attn_layers), layer.num_kv_heads, self.block_size, layer.head_dim)
         self.kv_format = kv_format(config.kv_format).resolve(layer.head_dim, self.block_size)
+        self.sparsity = _sparsity_policy(config, self.device)
         num_blocks = config.num_gpu_blocks or self._profile_num_blocks()
         num_blocks = tp.min_over_ranks(num_blocks, self.device)  # every rank holds a slice of the same blocks
         self.kv_cache = self._new_cache(num_blocks)
@@ -168,8 +170,10 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graphs_replayed: set[int] = set()     # batch sizes whose graphs hold a request's data (see scrub_idle)
         self.ran_since_scrub = False
-        if self.device.type == "cuda" and not config.enforce_eager and self.weights is None:
-            self._capture_decode_graphs()       # streamed weights need host work between layers: run eagerly
+        # Streamed weights need host work between layers, sealed collectives host-side IV counters and verdicts
+        # (docs/tp.md, phase 3): both run eagerly.
+        if self.device.type == "cuda" and not config.enforce_eager and self.weights is None and tp.capturable:
+            self._capture_decode_graphs()
 
     @property
     def num_blocks(self) -> int:
@@ -177,7 +181,7 @@ class ModelRunner:
 
     def _new_cache(self, num_blocks: int) -> KVCache:
         return KVCache(*self.kv_shape, num_blocks=num_blocks, dtype=self.dtype, device=self.device,
-                       kv_format=self.kv_format)
+                       kv_format=self.kv_format, sparse=self.sparsity is not None)
 
     # ---- one step -------------------------------------------------------------------------------------
 
@@ -197,6 +201,7 @@ class ModelRunner:
         self.ran_since_scrub = True
         inputs = self._device_step(step, decodes, prefills)
         hidden = self._forward(inputs, step.decode_only)
+        self.apply_sparsity(inputs.meta)
         if not step.num_samples:
             return None
         logits = self.model.compute_logits(hidden[inputs.sample_indices])
@@ -242,6 +247,7 @@ class ModelRunner:
                                decode_seq_lens=meta.decode_seq_lens + 1)
                 inputs = replace(inputs, input_ids=outputs[-1].token_ids, positions=positions, meta=meta)
             hidden = self._forward(inputs, decode_only=True)
+            self.apply_sparsity(meta)
             outputs.append(self.sampler(self.model.compute_logits(hidden), sampling, inputs.positions))
         return outputs, inputs.positions
 
@@ -260,6 +266,15 @@ class ModelRunner:
         meta = _decode_only(self._slots(tables, positions), (positions + 1).to(torch.int32), tables)
         return StepInputs(last_ids[rows], positions, meta, torch.arange(rows.shape[0], device=self.device),
                           _device_sampling(step.sampling, rest))
+
+    def apply_sparsity(self, meta: AttentionMetadata) -> None:
+        """Under --kv-sparsity, after the step's attention has scored its tokens: each sequence of the step drops
+        what its budget no longer covers (kv/sparsity.py)."""
+        if self.sparsity is None:
+            return
+        nd = meta.num_decode_tokens
+        prune(self.kv_cache.sparse, meta.decode_block_tables[:nd], meta.decode_seq_lens[:nd], self.sparsity)
+        prune(self.kv_cache.sparse, meta.prefill_block_tables, meta.prefill_seq_lens, self.sparsity)
 
     def _send(self, command: tuple) -> None:
         """Under tensor parallelism, hand the step to the other ranks before running it here."""
@@ -440,7 +455,10 @@ class ModelRunner:
     def _bytes_per_block(self) -> int:
         """K and V of one block in all layers, in the cache's format (scales and zero points included)."""
         layers, heads, bs, dim = self.kv_shape
-        return int(layers * heads * bs * self.kv_format.bytes_per_token(dim, bs, self.dtype.itemsize))
+        per_token = self.kv_format.bytes_per_token(dim, bs, self.dtype.itemsize)
+        if self.sparsity is not None:
+            per_token += STATE_BYTES
+        return int(layers * heads * bs * per_token)
 
     def _profile_num_blocks(self) -> int:
         if self.device.type != "cuda":
@@ -508,6 +526,17 @@ def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
         raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
                          f"{model_max}; pass max_model_len <= {model_max}")
     return config.max_model_len
+
+
+def _sparsity_policy(config: EngineConfig, device: torch.device) -> SparsityPolicy | None:
+    """--kv-sparsity's policy, or None when off. Phase 1 scores tokens in the attention reference only: on a GPU the
+    Triton kernels honour the pruned mask but do not yet write importance scores, so the GPU path is refused."""
+    if config.kv_sparsity is None:
+        return None
+    if device.type == "cuda":
+        raise ValueError("--kv-sparsity runs on the CPU only for now (the GPU attention kernels do not yet write the "
+                         "importance scores it needs): drop --kv-sparsity, or run with --device cpu")
+    return SparsityPolicy(config.kv_sparsity, config.kv_sink_tokens, config.kv_recent_window, config.kv_importance)
 
 
 def _decode_only(slots: torch.Tensor, seq_lens: torch.Tensor, tables: torch.Tensor) -> AttentionMetadata:

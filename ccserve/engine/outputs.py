@@ -52,4 +52,7 @@ class EngineStats:
     kv_capacity_tokens: int = 0     # tokens the KV cache holds in its format (blocks * block_size)
     lora_loads: int = 0             # LoRA adapters moved into the GPU adapter cache
     lora_hits: int = 0              # batches' adapters found already resident
+    num_public_prefix_blocks: int = 0   # KV blocks the public prefix cache holds for the process lifetime
+    prefix_cache_hits: int = 0          # admissions that started from public prefix blocks
+    prefix_cache_tokens_saved: int = 0  # prompt tokens those admissions did not compute
     crypto: CryptoTotals = field(default_factory=CryptoTotals)   # all channels (--cc): bytes, predictions, waits

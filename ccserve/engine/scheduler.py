@@ -11,6 +11,11 @@ blocks in `swap_out`; the engine moves them to the host before they are scrubbed
 admitted again the batch lists its new blocks in `swap_in`). The rule is by size only: swap when the victim has
 at least swap_threshold computed tokens (re-running that prefill costs more than moving its blocks twice).
 A waiting sequence with computed tokens is a swapped one: its KV is on the host.
+
+Public prefixes (kv/prefix_cache.py): a sequence whose prompt starts with declared public prefix blocks
+(`shared_block_ids`, matched by the engine when the request is added) gets them first in its block table, shared,
+and its own blocks from the first token it computes; admission counts only its own. Shared blocks never swap (they
+stay on the GPU) and come back at every admission, so a preempted request re-matches them.
 """
 from __future__ import annotations
 
@@ -58,6 +63,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_swaps = 0
+        self.num_prefix_hits = 0            # admissions that started from public prefix blocks
+        self.num_prefix_tokens_saved = 0    # prompt tokens those admissions did not compute
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -85,12 +92,12 @@ class Scheduler:
                 budget -= n
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
-            if not self._adapter_fits(seq) or not self._admissible(seq, n) \
-                    or not self._grow(seq, seq.num_computed_tokens + n):
+            swapped = seq.num_computed_tokens > 0
+            n = self._admit(seq, budget) if self._adapter_fits(seq) else 0
+            if not n:
                 break
-            if seq.num_computed_tokens:     # swapped out: its KV comes back into its first new blocks
-                batch.swap_in.append((seq, seq.block_ids[:self._blocks_held(seq)]))
+            if swapped:     # its KV comes back into its first own blocks
+                batch.swap_in.append((seq, seq.block_ids[len(seq.shared_block_ids):self._blocks_held(seq)]))
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -123,11 +130,24 @@ class Scheduler:
         seq.finish_reason = reason
         self._release(seq)
 
-    def _admissible(self, seq: Sequence, n: int) -> bool:
-        """Admit only while a block per running sequence stays free afterwards: without that headroom the
-        running sequences outgrow the pool within a few steps and the newcomer is preempted right after its
-        prefill (thrashing), and multi-step decode windows cannot reserve their blocks."""
-        return self.pool.num_free - self._blocks_short(seq, seq.num_computed_tokens + n) >= len(self.running)
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Give a waiting sequence its blocks for this step's tokens (shared public prefix blocks first, then its
+        own) and return how many tokens it computes; 0 when it does not fit. Admit only while a block per running
+        sequence stays free afterwards: without that headroom the running sequences outgrow the pool within a
+        few steps and the newcomer is preempted right after its prefill (thrashing), and multi-step decode
+        windows cannot reserve their blocks."""
+        shared = len(seq.shared_block_ids) * self.block_size
+        computed = max(seq.num_computed_tokens, shared)
+        n = min(seq.num_tokens - computed, budget)
+        need = -(-(computed + n) // self.block_size) - len(seq.shared_block_ids)
+        if self.pool.num_free - need < len(self.running):
+            return 0
+        seq.block_ids = self.pool.share(seq.shared_block_ids) + self.pool.allocate(need)
+        if seq.num_computed_tokens < shared:
+            self.num_prefix_hits += 1
+            self.num_prefix_tokens_saved += shared - seq.num_computed_tokens
+        seq.num_computed_tokens = computed
+        return n
 
     def _adapter_fits(self, seq: Sequence) -> bool:
         """Admit while the running requests use at most max_loras distinct adapters, so every batch fits the GPU
@@ -160,7 +180,7 @@ class Scheduler:
         """Drop the KV (recompute) or list it for swap-out; keep the tokens, put it first in line again."""
         self.running.remove(seq)
         if self.swap_threshold is not None and seq.num_computed_tokens >= self.swap_threshold:
-            batch.swap_out.append((seq, seq.block_ids[:self._blocks_held(seq)]))
+            batch.swap_out.append((seq, seq.block_ids[len(seq.shared_block_ids):self._blocks_held(seq)]))
             self.num_swaps += 1
         else:
             seq.num_computed_tokens = 0

@@ -31,6 +31,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
+        # Public prefix blocks (kv/prefix_cache.py) the prompt starts with: matched once, when the request is
+        # added; the scheduler puts them first in block_ids whenever it admits the request.
+        self.shared_block_ids: list[int] = []
         self.finish_reason: str | None = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.detokenizer = None

@@ -21,7 +21,8 @@ import torch
 
 from ccserve.config import EngineConfig
 from ccserve.distributed.env import device_for_rank
-from ccserve.distributed.group import destroy_tensor_parallel, init_tensor_parallel
+from ccserve.distributed.group import TensorParallelGroup, destroy_tensor_parallel, init_tensor_parallel
+from ccserve.distributed.sealed import SealedTensorParallelGroup
 from ccserve.engine.model_runner import ModelRunner
 
 PR_SET_PDEATHSIG = 1
@@ -40,8 +41,7 @@ def run_worker(rank: int, size: int, init_method: str, config: EngineConfig, con
     if config.torch_device.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads() // size))  # the ranks share the host's cores
     conn.send_bytes(STARTED)
-    device = device_for_rank(rank, size, config.torch_device.type)
-    tp = init_tensor_parallel(rank, size, init_method, device)
+    tp = join_group(rank, size, init_method, config)
     try:
         serve(ModelRunner(config, tp), conn)
     except Exception as exc:  # noqa: BLE001 - the type only: a message could quote what the step carried
@@ -49,6 +49,15 @@ def run_worker(rank: int, size: int, init_method: str, config: EngineConfig, con
         sys.exit(1)
     finally:
         destroy_tensor_parallel(tp)
+
+
+def join_group(rank: int, size: int, init_method: str, config: EngineConfig
+               ) -> TensorParallelGroup | SealedTensorParallelGroup:
+    """Join the group as `rank` (every rank, rank 0 included, joins through here): under --cc its collectives carry
+    only sealed payloads between the GPUs (docs/tp.md, phase 3), and every rank agrees on the link keys now."""
+    device = device_for_rank(rank, size, config.torch_device.type)
+    tp = init_tensor_parallel(rank, size, init_method, device)
+    return SealedTensorParallelGroup(tp, device) if config.cc != "off" else tp
 
 
 def serve(runner: ModelRunner, conn: Connection) -> None:

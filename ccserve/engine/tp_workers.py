@@ -24,9 +24,10 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from ccserve.config import EngineConfig
-from ccserve.distributed.env import device_for_rank, disable_multicast
-from ccserve.distributed.group import TensorParallelGroup, destroy_tensor_parallel, init_tensor_parallel
-from ccserve.engine.tp_worker import STARTED, run_worker
+from ccserve.distributed.env import disable_multicast
+from ccserve.distributed.group import TensorParallelGroup, destroy_tensor_parallel
+from ccserve.distributed.sealed import SealedTensorParallelGroup
+from ccserve.engine.tp_worker import STARTED, join_group, run_worker
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,7 @@ class WorkerGroup:
         self._finalizer = weakref.finalize(self, _terminate, list(self.procs))
         try:
             self._wait_started()
-            self.tp: TensorParallelGroup = init_tensor_parallel(
-                0, size, init_method, device_for_rank(0, size, config.torch_device.type))
+            self.tp: TensorParallelGroup | SealedTensorParallelGroup = join_group(0, size, init_method, config)
         except BaseException:
             self._finalizer()
             raise

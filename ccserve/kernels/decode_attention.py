@@ -17,7 +17,8 @@ import triton.language as tl
 
 from ccserve.kernels.device import num_sms
 from ccserve.kernels.kv_quant import PagedCache, cache_dims, head_bases, kernel_args
-from ccserve.kernels.prefill_attention import LOG2E, attend_kv_tile, dot_types, gather_kv
+from ccserve.kernels.prefill_attention import (LOG2E, add_importance, attend_kv_tile, dot_types, gather_kv,
+                                               pruned_args, pruned_heads, pruned_strides)
 
 MIN_SPLIT_TOKENS = 256       # do not split a context into pieces shorter than this
 MAX_SPLITS = 64
@@ -46,8 +47,11 @@ def default_config(k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | P
 
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
                          seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                         out: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [B, H, D]; sequence b attends to its first seq_lens[b] cached tokens (0 gives zeros: padding)."""
+                         out: torch.Tensor | None = None, pruned: torch.Tensor | None = None,
+                         importance: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [B, H, D]; sequence b attends to its first seq_lens[b] cached tokens (0 gives zeros: padding), except
+    those its KV head has pruned (pruned [blocks, Hk, block_size], nonzero = gone). With importance, each KV
+    head's attention mass per token (summed over its query heads) is added into it (kv/sparsity.py reads it)."""
     out = torch.empty_like(q) if out is None else out
     group = q.shape[1] // cache_dims(k_cache)[0]
     for b, seq_len in enumerate(seq_lens.tolist()):
@@ -56,14 +60,20 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_
             continue
         k = gather_kv(k_cache, block_tables[b], seq_len).float().repeat_interleave(group, dim=1)
         v = gather_kv(v_cache, block_tables[b], seq_len).float().repeat_interleave(group, dim=1)
-        probs = torch.softmax(torch.einsum("hd,khd->hk", q[b].float(), k) * scale, dim=-1)
+        scores = torch.einsum("hd,khd->hk", q[b].float(), k) * scale
+        gone = pruned_heads(pruned, block_tables[b], seq_len, group)
+        if gone is not None:
+            scores.masked_fill_(gone, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        add_importance(importance, block_tables[b], probs, group)
         out[b] = torch.einsum("hk,khd->hd", probs, v).to(out.dtype)
     return out
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_partial_kernel(
-        Q, KCache, KScale, KZero, VCache, VScale, VZero, SeqLens, BlockTables, Out, PartM, PartL, PartAcc, qk_scale,
+        Q, KCache, KScale, KZero, VCache, VScale, VZero, SeqLens, BlockTables, Out, PartM, PartL, PartAcc, Pruned,
+        qk_scale, stride_pb, stride_ph, stride_ps,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd, stride_ksb, stride_ksh, stride_kss, stride_ksc,
         stride_vb, stride_vh, stride_vs, stride_vd, stride_vsb, stride_vsh, stride_vss, stride_vsc,
@@ -72,7 +82,8 @@ def _decode_partial_kernel(
         BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
         K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_GROUP: tl.constexpr,
-        V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr):
+        V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr,
+        SPARSE: tl.constexpr):
     """Online softmax of one group of query heads over one split of one sequence's context.
 
     With one split the normalized result goes straight to Out; otherwise the running max (log2 domain),
@@ -99,6 +110,7 @@ def _decode_partial_kernel(
     k_data, k_scale, k_zero = head_bases(KCache, KScale, KZero, kv_head, stride_kh, stride_ksh)
     v_data, v_scale, v_zero = head_bases(VCache, VScale, VZero, kv_head, stride_vh, stride_vsh)
     table = BlockTables + seq.to(tl.int64) * stride_bt
+    pruned = Pruned + kv_head * stride_ph
 
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -106,10 +118,11 @@ def _decode_partial_kernel(
     for tile_start in range(start, end, BLOCK_N):
         acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_data, k_scale, k_zero, v_data, v_scale, v_zero, table,
                                        tile_start, end, (tile_start + offs_n < end)[None, :], qk_scale,
+                                       pruned, stride_pb, stride_ps,
                                        stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
                                        stride_vb, stride_vs, stride_vd, stride_vsb, stride_vss, stride_vsc,
                                        BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, DOT_PRECISION, True,
-                                       K_KIND, K_BITS, K_AXIS, K_GROUP, V_KIND, V_BITS, V_AXIS, V_GROUP)
+                                       K_KIND, K_BITS, K_AXIS, K_GROUP, V_KIND, V_BITS, V_AXIS, V_GROUP, SPARSE)
 
     if NUM_SPLITS == 1:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -163,9 +176,10 @@ def num_decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
                             seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                             out: torch.Tensor | None = None, num_splits: int | None = None,
-                            config: DecodeConfig | None = None) -> torch.Tensor:
-    """Same contract as decode_attention_ref; num_splits (a power of two) and config override the defaults
-    (tests, tuning)."""
+                            config: DecodeConfig | None = None, pruned: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as decode_attention_ref (importance aside: kv/sparsity.py); num_splits (a power of two) and
+    config override the defaults (tests, tuning). The keep mask is one byte per token and head, read beside each
+    tile's page; shapes and grid do not depend on it, so the launch stays CUDA-graph safe."""
     out = torch.empty_like(q) if out is None else out
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = cache_dims(k_cache)
@@ -187,12 +201,13 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | PagedCache,
     k_ptrs, k_strides, k_consts = kernel_args(k_cache, "K")
     v_ptrs, v_strides, v_consts = kernel_args(v_cache, "V")
     _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
-        q, *k_ptrs, *v_ptrs, seq_lens, block_tables, out, part_m, part_l, part_acc, scale * LOG2E,
+        q, *k_ptrs, *v_ptrs, seq_lens, block_tables, out, part_m, part_l, part_acc, *pruned_args(pruned, q),
+        scale * LOG2E, *pruned_strides(pruned),
         *q.stride(), *k_strides, *v_strides, block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **k_consts, **v_consts)
+        SPARSE=pruned is not None, **k_consts, **v_consts)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             out, part_m, part_l, part_acc, *out.stride(),
@@ -202,7 +217,12 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | PagedCache,
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
                      seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, pruned: torch.Tensor | None = None,
+                     importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernels on a GPU, the reference elsewhere. Importance scores come from the reference only (phase 1:
+    the engine refuses --kv-sparsity on CUDA until a kernel writes them)."""
     if q.is_cuda:
-        return decode_attention_triton(q, k_cache, v_cache, seq_lens, block_tables, scale, out)
-    return decode_attention_ref(q, k_cache, v_cache, seq_lens, block_tables, scale, out)
+        if importance is not None:
+            raise NotImplementedError("importance scores are not computed on the GPU yet (--kv-sparsity is CPU-only)")
+        return decode_attention_triton(q, k_cache, v_cache, seq_lens, block_tables, scale, out, pruned=pruned)
+    return decode_attention_ref(q, k_cache, v_cache, seq_lens, block_tables, scale, out, pruned, importance)

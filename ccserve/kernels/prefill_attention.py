@@ -29,10 +29,41 @@ def gather_kv(cache: torch.Tensor | PagedCache, block_table: torch.Tensor, seq_l
     return blocks.transpose(1, 2).reshape(-1, num_kv_heads, blocks.shape[3])[:seq_len]
 
 
+def token_slots(block_table: torch.Tensor, seq_len: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (page, row) of each of a sequence's first seq_len cached tokens: where its per-token state lives."""
+    pos = torch.arange(seq_len, device=block_table.device)
+    return block_table[pos // block_size].long(), pos % block_size
+
+
+def pruned_heads(pruned: torch.Tensor | None, block_table: torch.Tensor, seq_len: int,
+                 group: int) -> torch.Tensor | None:
+    """pruned [blocks, Hk, block_size] (nonzero: that KV head no longer sees the token) as a [H, seq_len] bool
+    mask over the query heads (each query head follows its KV head), or None without sparsity."""
+    if pruned is None:
+        return None
+    pages, rows = token_slots(block_table, seq_len, pruned.shape[2])
+    return (pruned[pages, :, rows] != 0).t().repeat_interleave(group, dim=0)
+
+
+def add_importance(importance: torch.Tensor | None, block_table: torch.Tensor, probs: torch.Tensor,
+                   group: int) -> None:
+    """Add the attention mass probs [H, ..., K] (summed over the queries and over each KV head's query heads)
+    into importance [blocks, Hk, block_size]: LeanKV's per-head token score, accumulated in place."""
+    if importance is None:
+        return
+    seq_len = probs.shape[-1]
+    mass = probs.reshape(probs.shape[0] // group, -1, seq_len).sum(1)        # [Hk, K]
+    pages, rows = token_slots(block_table, seq_len, importance.shape[2])
+    importance[pages, :, rows] += mass.t()
+
+
 def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
                           cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-                          scale: float, max_query_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """q: [T, H, D]. Query i of sequence s sits at position seq_lens[s] - q_len_s + i and sees keys <= it."""
+                          scale: float, max_query_len: int, out: torch.Tensor | None = None,
+                          pruned: torch.Tensor | None = None, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, H, D]. Query i of sequence s sits at position seq_lens[s] - q_len_s + i and sees keys <= it, except
+    those its KV head has pruned (pruned [blocks, Hk, block_size], nonzero = gone). With importance, each KV
+    head's attention mass per token (summed over its query heads and this step's queries) is added into it."""
     out = torch.empty_like(q) if out is None else out
     num_heads, num_kv_heads = q.shape[1], cache_dims(k_cache)[0]
     group = num_heads // num_kv_heads
@@ -46,7 +77,11 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)
         scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        gone = pruned_heads(pruned, block_tables[s], seq_len, group)
+        if gone is not None:
+            scores.masked_fill_(gone[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
+        add_importance(importance, block_tables[s], probs, group)
         out[starts[s]:starts[s + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
     return out
 
@@ -86,13 +121,14 @@ def dot_types(q: torch.Tensor) -> tuple[bool, str]:
 
 @triton.jit
 def attend_kv_tile(q, acc, l_i, m_i, k_data, k_scale, k_zero, v_data, v_scale, v_zero, table, tile_start, limit,
-                   visible, qk_scale,
+                   visible, qk_scale, pruned, stride_pb, stride_ps,
                    stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
                    stride_vb, stride_vs, stride_vd, stride_vsb, stride_vss, stride_vsc,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
                    K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_GROUP: tl.constexpr,
-                   V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr):
+                   V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr,
+                   SPARSE: tl.constexpr = False):
     """Fold the cached tokens at positions tile_start .. tile_start + BLOCK_N - 1 (those < limit) into the online
     softmax (acc, l_i, m_i). tile_start is a multiple of BLOCK_N (quantized tiles rely on it).
 
@@ -101,7 +137,9 @@ def attend_kv_tile(q, acc, l_i, m_i, k_data, k_scale, k_zero, v_data, v_scale, v
     registers, except where a format has one scale per token and head (fp8, int8 values): there the dot runs on
     the codes (exact in bf16) and the scale multiplies the scores, or the probabilities, a BLOCK_N-th of the
     work (a zero point adds sum(q) * zero, or sum(p * zero)). With MASKED, visible ([M, N] or broadcastable) decides which scores count. Scores are in the
-    log2 domain.
+    log2 domain. With SPARSE, pruned points at this KV head's keep-mask pages ([blocks, Hk, block_size] uint8, nonzero
+    = pruned): one byte per token of the tile is loaded beside its page, and a pruned token's score is -inf. A tile
+    can then hide every token from a row, so the running max is kept finite for the rescale (no NaN from -inf - -inf).
     """
     pos = tile_start + tl.arange(0, BLOCK_N)
     pos_mask = pos < limit
@@ -122,7 +160,12 @@ def attend_kv_tile(q, acc, l_i, m_i, k_data, k_scale, k_zero, v_data, v_scale, v
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
+    if SPARSE:
+        gone = tl.load(pruned + page * stride_pb + row * stride_ps, mask=pos_mask, other=1)
+        s = tl.where((gone == 0)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
+    if SPARSE:
+        m_new = tl.where(m_new == float("-inf"), -1e30, m_new)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -159,8 +202,8 @@ def _find_sequence(CuSeqlensQ, num_seqs, slot, BLOCK_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_seqs", "num_slots", "stride_bt"])
 def _prefill_kernel(
-        Q, KCache, KScale, KZero, VCache, VScale, VZero, CuSeqlensQ, SeqLens, BlockTables, Out, qk_scale,
-        num_seqs, num_slots,
+        Q, KCache, KScale, KZero, VCache, VScale, VZero, CuSeqlensQ, SeqLens, BlockTables, Out, Pruned, qk_scale,
+        num_seqs, num_slots, stride_pb, stride_ph, stride_ps,
         stride_qt, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd, stride_ksb, stride_ksh, stride_kss, stride_ksc,
         stride_vb, stride_vh, stride_vs, stride_vd, stride_vsb, stride_vsh, stride_vss, stride_vsc,
@@ -169,7 +212,8 @@ def _prefill_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
         K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_GROUP: tl.constexpr,
-        V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr):
+        V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr,
+        SPARSE: tl.constexpr):
     """One program: BLOCK_M queries of one head of one sequence.
 
     Programs are numbered (tile slot, head) with head fastest, so the heads of one GQA group run side by side
@@ -203,6 +247,7 @@ def _prefill_kernel(
     k_data, k_scale, k_zero = head_bases(KCache, KScale, KZero, kv_head, stride_kh, stride_ksh)
     v_data, v_scale, v_zero = head_bases(VCache, VScale, VZero, kv_head, stride_vh, stride_vsh)
     table = BlockTables + seq.to(tl.int64) * stride_bt
+    pruned = Pruned + kv_head * stride_ph
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -211,22 +256,22 @@ def _prefill_kernel(
     full_end = (context + tile * BLOCK_M) // BLOCK_N * BLOCK_N
     for tile_start in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_data, k_scale, k_zero, v_data, v_scale, v_zero, table,
-                                       tile_start, seq_len, None, qk_scale,
+                                       tile_start, seq_len, None, qk_scale, pruned, stride_pb, stride_ps,
                                        stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
                                        stride_vb, stride_vs, stride_vd, stride_vsb, stride_vss, stride_vsc,
                                        BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, DOT_PRECISION, False,
-                                       K_KIND, K_BITS, K_AXIS, K_GROUP, V_KIND, V_BITS, V_AXIS, V_GROUP)
+                                       K_KIND, K_BITS, K_AXIS, K_GROUP, V_KIND, V_BITS, V_AXIS, V_GROUP, SPARSE)
     # The diagonal: causal mask. Key 0 is visible to every row, so no row's max stays -inf.
     kv_end = tl.minimum(context + (tile + 1) * BLOCK_M, seq_len)
     for tile_start in range(full_end, kv_end, BLOCK_N):
         pos = tile_start + offs_n
         visible = (pos[None, :] <= q_pos[:, None]) & (pos < kv_end)[None, :]
         acc, l_i, m_i = attend_kv_tile(q, acc, l_i, m_i, k_data, k_scale, k_zero, v_data, v_scale, v_zero, table,
-                                       tile_start, kv_end, visible, qk_scale,
+                                       tile_start, kv_end, visible, qk_scale, pruned, stride_pb, stride_ps,
                                        stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
                                        stride_vb, stride_vs, stride_vd, stride_vsb, stride_vss, stride_vsc,
                                        BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, DOT_PRECISION, True,
-                                       K_KIND, K_BITS, K_AXIS, K_GROUP, V_KIND, V_BITS, V_AXIS, V_GROUP)
+                                       K_KIND, K_BITS, K_AXIS, K_GROUP, V_KIND, V_BITS, V_AXIS, V_GROUP, SPARSE)
 
     out = acc / l_i[:, None]
     tl.store(Out + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
@@ -236,8 +281,9 @@ def _prefill_kernel(
 def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
                              cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                              scale: float, max_query_len: int, out: torch.Tensor | None = None,
-                             config: PrefillConfig | None = None) -> torch.Tensor:
-    """Same contract as prefill_attention_ref; config overrides the tile defaults (tests, tuning).
+                             config: PrefillConfig | None = None, pruned: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as prefill_attention_ref (importance aside: kv/sparsity.py); config overrides the tile
+    defaults (tests, tuning).
 
     max_query_len is not needed here: the grid is sized from the number of tokens and sequences.
     """
@@ -253,20 +299,35 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | PagedCache
     k_ptrs, k_strides, k_consts = kernel_args(k_cache, "K")
     v_ptrs, v_strides, v_consts = kernel_args(v_cache, "V")
     _prefill_kernel[(num_slots * num_heads,)](
-        q, *k_ptrs, *v_ptrs, cu_seqlens_q, seq_lens, block_tables, out, scale * LOG2E, num_seqs, num_slots,
+        q, *k_ptrs, *v_ptrs, cu_seqlens_q, seq_lens, block_tables, out, *pruned_args(pruned, q), scale * LOG2E,
+        num_seqs, num_slots, *pruned_strides(pruned),
         *q.stride(), *k_strides, *v_strides, block_tables.stride(0), *out.stride(),
         NUM_HEADS=num_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **k_consts, **v_consts)
+        SPARSE=pruned is not None, **k_consts, **v_consts)
     return out
+
+
+def pruned_args(pruned: torch.Tensor | None, placeholder: torch.Tensor) -> tuple[torch.Tensor]:
+    """The keep-mask pointer of a kernel launch; without sparsity any tensor stands in (SPARSE=False never reads it)."""
+    return (placeholder if pruned is None else pruned,)
+
+
+def pruned_strides(pruned: torch.Tensor | None) -> tuple[int, int, int]:
+    return (0, 0, 0) if pruned is None else pruned.stride()
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
-                      max_query_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                      max_query_len: int, out: torch.Tensor | None = None, pruned: torch.Tensor | None = None,
+                      importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel on a GPU, the reference elsewhere. Importance scores come from the reference only (phase 1:
+    the engine refuses --kv-sparsity on CUDA until a kernel writes them)."""
     if q.is_cuda:
+        if importance is not None:
+            raise NotImplementedError("importance scores are not computed on the GPU yet (--kv-sparsity is CPU-only)")
         return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
-                                        max_query_len, out)
+                                        max_query_len, out, pruned=pruned)
     return prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
-                                 max_query_len, out)
+                                 max_query_len, out, pruned, importance)

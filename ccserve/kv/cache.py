@@ -15,6 +15,7 @@ from torch import nn
 
 from ccserve.kernels.kv_quant import PagedCache, cache_shapes
 from ccserve.kv.formats import PRESETS, KVFormat, TensorFormat
+from ccserve.kv.sparsity import SparseState
 
 
 class _Operand:
@@ -44,19 +45,24 @@ class _Operand:
 
 class KVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, block_size: int, head_dim: int, num_blocks: int,
-                 dtype: torch.dtype, device: torch.device, kv_format: KVFormat | None = None) -> None:
-        """kv_format must be resolved for this head_dim and block_size (KVFormat.resolve); None is bf16."""
+                 dtype: torch.dtype, device: torch.device, kv_format: KVFormat | None = None,
+                 sparse: bool = False) -> None:
+        """kv_format must be resolved for this head_dim and block_size (KVFormat.resolve); None is bf16. sparse adds
+        the per-token importance scores and pruned flags of --kv-sparsity (kv/sparsity.py), paged like the rest."""
         self.num_blocks = num_blocks
         self.format = kv_format or PRESETS["bf16"]
         lead = (num_layers, num_blocks, num_kv_heads)
         self.keys = _Operand(self.format.key, lead, block_size, head_dim, dtype, device)
         self.values = _Operand(self.format.value, lead, block_size, head_dim, dtype, device)
         self.k, self.v = self.keys.data, self.values.data
+        self.sparse = SparseState(num_layers, num_blocks, num_kv_heads, block_size, device) if sparse else None
 
     @property
     def tensors(self) -> list[torch.Tensor]:
-        """Every tensor the cache owns (codes, scales, zero points of K and V): all indexed [layer, block, ...]."""
-        return self.keys.tensors + self.values.tensors
+        """Every tensor the cache owns (codes, scales, zero points of K and V; sparsity's scores and flags): all
+        indexed [layer, block, ...], so scrubbing and swapping cover them."""
+        sparse = self.sparse.tensors if self.sparse is not None else []
+        return self.keys.tensors + self.values.tensors + sparse
 
     @property
     def nbytes(self) -> int:
@@ -67,6 +73,9 @@ class KVCache:
         for i, layer in enumerate(attn_layers):
             layer.k_cache = self.keys.layer(i)
             layer.v_cache = self.values.layer(i)
+            if self.sparse is not None:
+                layer.pruned = self.sparse.pruned[i]
+                layer.importance = self.sparse.importance[i]
 
     def scrub(self, block_ids: list[int]) -> None:
         """Zero the given blocks in every layer: codes, scales and zero points of keys and values, one batched

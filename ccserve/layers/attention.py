@@ -47,7 +47,9 @@ class Attention(nn.Module):
     """Paged multi-head attention with grouped KV heads (GQA/MQA).
 
     The runner assigns k_cache / v_cache ([num_blocks, num_kv_heads, block_size, head_dim] each, possibly of
-    different dtypes) after it has sized the cache; until then they are empty.
+    different dtypes) after it has sized the cache; until then they are empty. Under --kv-sparsity it also assigns
+    pruned / importance ([num_blocks, num_kv_heads, block_size]: which tokens each KV head no longer sees, and the
+    attention mass each got, which the attention adds to; kv/sparsity.py); None without.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
@@ -60,6 +62,8 @@ class Attention(nn.Module):
         self.scale = scale
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        self.pruned: torch.Tensor | None = None
+        self.importance: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 positions: torch.Tensor | None = None, rotary: RotaryEmbedding | None = None) -> torch.Tensor:
@@ -82,9 +86,11 @@ class Attention(nn.Module):
         nd = meta.num_decode_tokens
         if nd:
             decode_attention(q[:nd], self.k_cache, self.v_cache, meta.decode_seq_lens,
-                             meta.decode_block_tables, self.scale, out=out[:nd])
+                             meta.decode_block_tables, self.scale, out=out[:nd], pruned=self.pruned,
+                             importance=self.importance)
         if q.shape[0] > nd:
             prefill_attention(q[nd:], self.k_cache, self.v_cache, meta.prefill_cu_seqlens_q,
                               meta.prefill_seq_lens, meta.prefill_block_tables, self.scale,
-                              meta.max_prefill_query_len, out=out[nd:])
+                              meta.max_prefill_query_len, out=out[nd:], pruned=self.pruned,
+                              importance=self.importance)
         return out.view(-1, self.num_heads * self.head_dim)

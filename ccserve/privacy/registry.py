@@ -101,6 +101,13 @@ FEATURES: tuple[Feature, ...] = (
             "the next forward pass, quantized codes with their scales and zero points; no block reaches a new "
             "owner unscrubbed",
             fields=("block_size", "num_gpu_blocks", "gpu_memory_utilization", "kv_format"), enabled=_always),
+    Feature("per-head KV sparsity", "S",
+            "each token's importance (attention mass per KV head) and keep mask are derived from the request's "
+            "content and stay in GPU memory beside its keys and values",
+            "scores and masks are paged with the KV blocks (same block ids), per request, never shared across "
+            "requests, logged or exported, and zeroed with the block when it is freed",
+            fields=("kv_sparsity", "kv_recent_window", "kv_sink_tokens", "kv_importance"),
+            enabled=lambda s: s.config.kv_sparsity is not None),
     Feature("continuous batching scheduler", "T",
             "a scheduler that orders, admits or preempts by user, content or predicted length lets an attacker "
             "steer a target's requests",
@@ -169,8 +176,10 @@ FEATURES: tuple[Feature, ...] = (
     Feature("tensor parallelism", "S",
             "every step's activations cross between the GPUs of the node (all-reduce, all-gather) and each step's "
             "token ids, positions and block tables go from the main process to every worker process",
-            "none yet on the GPU-to-GPU links (--cc is refused with --tensor-parallel-size > 1 until the "
-            "collectives are sealed, docs/tp.md); the worker processes live and die with the main process and "
+            "with --cc naive or pipelined every collective carries only AES-GCM sealed payloads between the GPUs "
+            "(a key per directed link from an X25519 exchange at start, lock-step IV counters, a tampered or "
+            "replayed message fails the step and ends the group; docs/tp.md); with --cc off they cross in the "
+            "clear, as every transfer does then; the worker processes live and die with the main process and "
             "scrub their slice of every freed KV block",
             fields=("tensor_parallel_size",), enabled=lambda s: s.config.tensor_parallel_size > 1),
     Feature("LoRA adapters", "TV",
@@ -182,10 +191,19 @@ FEATURES: tuple[Feature, ...] = (
             "cross through their own encrypted channel under --cc; metrics count loads and hits in aggregate "
             "(docs/lora.md)",
             fields=("lora_adapters", "max_lora_rank", "max_loras"), enabled=lambda s: bool(s.config.lora_adapters)),
-    # ---- not in ccserve: what a future implementation must put in force --------------------------------
+    Feature("public prefix cache", "SE",
+            "KV blocks outlive the requests that read them, and a request that reuses them runs faster, so its "
+            "timing tells whether its prompt starts with a cached prefix",
+            "only operator-declared prefixes are cached, computed at start from the configuration alone (never from a "
+            "request) and measured with the release, so every client can see them; requests share their whole blocks "
+            "read-only (exact token ids from the prompt's start) and compute everything after them, partial last "
+            "block included, into blocks of their own (docs/privacy.md)",
+            fields=("public_prefixes",), enabled=lambda s: bool(s.config.public_prefixes)),
     Feature("prefix caching", "SE", "one request's KV outlives it and can be inferred by others sharing the cache",
-            "when built: off under pcc except operator-declared public prefixes; per-tenant with expiry under "
-            "open", present=False),
+            "none (not built yet: the engine refuses it under every policy)",
+            fields=("enable_prefix_caching",), enabled=lambda s: s.config.enable_prefix_caching, pcc=False,
+            alternative="declare the shared system prompts as public prefixes (--public-prefix-file FILE)"),
+    # ---- not in ccserve: what a future implementation must put in force --------------------------------
     Feature("disk offload", "SE", "a request's KV lands on storage that outlives the request",
             "when built: ciphertext under a per-request key that is destroyed at the end (crypto-shredding)",
             present=False),

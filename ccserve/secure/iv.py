@@ -15,12 +15,14 @@ COUNTER_LIMIT = 1 << 64
 
 
 class Lane(IntEnum):
-    """Independent IV spaces: direct H2D transfers, speculative (pre-encrypted) H2D transfers, D2H, host storage."""
+    """Independent IV spaces: direct H2D transfers, speculative (pre-encrypted) H2D transfers, D2H, host storage,
+    tensor-parallel links."""
 
     H2D_DIRECT = 0x48320001
     H2D_SPECULATIVE = 0x48320002
     D2H = 0x44480001
     HOST_STORE = 0x53540001
+    TP_LINK = 0x54500001    # GPU-to-GPU messages of a tensor-parallel group (each directed link has its own key)
 
 
 class IVSequence:

@@ -47,6 +47,12 @@ class _EngineCollector(Collector):
                                   value=s.lora_loads)
         yield CounterMetricFamily("ccserve_lora_cache_hits", "Batch adapters found resident in the GPU adapter cache",
                                   value=s.lora_hits)
+        yield GaugeMetricFamily("ccserve_public_prefix_blocks", "KV blocks held by the declared public prefixes",
+                                value=s.num_public_prefix_blocks)
+        yield CounterMetricFamily("ccserve_prefix_cache_hits", "Admissions that started from public prefix blocks",
+                                  value=s.prefix_cache_hits)
+        yield CounterMetricFamily("ccserve_prefix_cache_saved_tokens", "Prompt tokens not computed thanks to public "
+                                  "prefix blocks", value=s.prefix_cache_tokens_saved)
         c = s.crypto
         yield CounterMetricFamily("ccserve_cc_h2d_bytes", "Bytes sent host to GPU through the encrypted channels",
                                   value=c.h2d_bytes)

@@ -35,19 +35,22 @@ def test_init_release_show_and_verify(tmp_path, capsys):
     with pytest.raises(ValueError, match="refusing to overwrite"):
         run(["log", "init", "--dir", str(tmp_path / "log2"), "--origin", "x.test/l", "--key-out", str(key)])
 
+    prefixes = tmp_path / "prefixes.json"
+    prefixes.write_text(json.dumps(["You are a helpful assistant."]))
     run(["release", "--model", str(model), "--dry-run"])
     dry = json.loads(capsys.readouterr().out)
     assert TransparencyLog(tmp_path / "log").size == 0
-    run(["release", "--model", str(model), "--public-prefix", "You are a helpful assistant.", "--log",
+    run(["release", "--model", str(model), "--public-prefix-file", str(prefixes), "--log",
          str(tmp_path / "log"), "--log-key", str(key)])
     out = capsys.readouterr().out
     assert "appended as entry 0" in out and "example.test/releases\n1\n" in out
     with pytest.raises(ValueError, match="already in the log"):
-        run(["release", "--model", str(model), "--public-prefix", "You are a helpful assistant.", "--log",
+        run(["release", "--model", str(model), "--public-prefix-file", str(prefixes), "--log",
              str(tmp_path / "log"), "--log-key", str(key)])
 
     # The node measures the same way the release did: the same flags give the same log entry.
-    config = measurement_config(EngineConfig(model=str(model)), ServerOptions(), ["You are a helpful assistant."])
+    config = measurement_config(EngineConfig(model=str(model), public_prefixes=["You are a helpful assistant."]),
+                                ServerOptions())
     identity = NodeIdentity(measure(config, model, progress=False))
     log = TransparencyLog(tmp_path / "log")
     assert log.index_of(identity.measurement.leaf_hash) == 0

@@ -58,10 +58,22 @@ def test_weights_of_a_missing_or_empty_directory(tmp_path):
 def test_measurement_config_leaves_out_machine_local_paths(tmp_path):
     a = make_model_dir(tmp_path / "a")
     b = make_model_dir(tmp_path / "b")
-    ca = measurement_config(EngineConfig(model=str(a)), ServerOptions(port=8000), ["You are helpful."])
-    cb = measurement_config(EngineConfig(model=str(b)), ServerOptions(port=9000), ["You are helpful."])
+    ca = measurement_config(EngineConfig(model=str(a), public_prefixes=["You are helpful."]),
+                            ServerOptions(port=8000))
+    cb = measurement_config(EngineConfig(model=str(b), public_prefixes=["You are helpful."]),
+                            ServerOptions(port=9000))
     assert ca == cb and "model" not in ca["settings"] and ca["settings"]["privacy"] == "pcc"
     assert measurement_config(EngineConfig(model=str(a), privacy="open")) != ca
+
+
+def test_measurement_changes_with_the_public_prefixes(tmp_path):
+    """The declared public prefixes are measured: a node that caches another prefix has another measurement."""
+    model = make_model_dir(tmp_path / "m")
+    digests = {measure(measurement_config(EngineConfig(model=str(model), public_prefixes=p)), model,
+                       progress=False).config for p in ([], ["You are helpful."], ["You are helpful!"], [[1, 2, 3]])}
+    assert len(digests) == 4
+    config = measurement_config(EngineConfig(model=str(model), public_prefixes=["You are helpful."]))
+    assert config["public_prefixes"] == ["You are helpful."] and "public_prefixes" not in config["settings"]
 
 
 def test_measurement_record_round_trip_and_validation(tmp_path):

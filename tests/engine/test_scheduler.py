@@ -108,3 +108,27 @@ def test_swap_preemption_keeps_progress_and_starves_nobody():
             assert oldest.num_computed_tokens > before                  # the oldest always progresses
     assert not sched.has_unfinished() and pool.num_free == 12
     assert sched.num_swaps > 0 and sched.num_swaps == sched.num_preemptions and not swapped
+
+
+def test_public_prefix_blocks_are_shared_and_not_counted_against_admission():
+    """A sequence starting with shared blocks needs, and frees, only its own; its first own block is where its
+    first uncomputed token goes, and recompute preemption gives the shared blocks back at the next admission."""
+    pool = BlockPool(6)
+    shared = pool.allocate(2)                          # the prefix cache's hold
+    sched = Scheduler(pool, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    a, b = make_seq(0, 10), make_seq(1, 11)
+    a.shared_block_ids = b.shared_block_ids = shared
+    sched.add(a)
+    sched.add(b)
+    batch = run_step(sched)
+    assert batch.prefills == [(a, 2), (b, 3)]          # tokens 8.. only
+    assert a.block_ids[:2] == shared == b.block_ids[:2] and pool.num_free == 2
+    assert sched.num_prefix_hits == 2 and sched.num_prefix_tokens_saved == 16
+    sched._preempt(b, batch)
+    assert b.num_computed_tokens == 0 and pool.num_free == 3
+    run_step(sched)
+    assert b.block_ids[:2] == shared and b.num_computed_tokens == 12 and sched.num_prefix_hits == 3
+    sched.finish(a, "stop")
+    sched.finish(b, "stop")
+    scrubbed = pool.take_blocks_to_scrub()
+    assert pool.num_free == 4 and scrubbed and not set(scrubbed) & set(shared)

@@ -152,7 +152,7 @@ def test_weight_estimate_counts_the_models_parameters(tiny_model_dir):
 
 @pytest.mark.parametrize("settings,match", [
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be >= 1"),
-    (dict(tensor_parallel_size=2, cc="naive"), "--cc does not yet cover"),
+    (dict(tensor_parallel_size=2, cc="naive", preemption_mode="swap"), "only rank 0's slice of the KV would move"),
     (dict(tensor_parallel_size=2, device="cuda:1"), "choose GPUs with CUDA_VISIBLE_DEVICES"),
 ])
 def test_bad_settings_are_refused(tiny_model_dir, settings, match):

@@ -34,7 +34,7 @@ def test_text_table_of_a_safe_configuration(capsys):
     assert out.startswith(f"ccserve audit: policy pcc, model {MODEL}")
     assert "VERDICT  RULES FEATURE" in out
     assert "allowed  S     paged KV cache" in out and "zeroed" in out
-    assert "absent   SE    prefix caching" in out
+    assert "off      SE    prefix caching" in out and "off      SE    public prefix cache" in out
     assert all(f.name in out for f in FEATURES)
     assert "Settings that touch no rule: model=" in out
     assert out.rstrip().endswith("Result: accepted under pcc.")
@@ -66,7 +66,7 @@ def test_json_report(capsys):
     host = rows["plaintext HTTP beyond loopback"]
     assert host["verdict"] == "refused" and host["settings"] == {"host": "0.0.0.0"} and host["threatens"] == ["E"]
     assert host["allowed_under_pcc"] is False and host["alternative"].startswith("--host 127.0.0.1")
-    assert rows["prefix caching"]["present"] is False and rows["prefix caching"]["verdict"] == "absent"
+    assert rows["prefix caching"]["verdict"] == "off" and rows["disk offload"]["verdict"] == "absent"
     assert rows["paged KV cache"]["enabled"] is True
     assert set(result["neutral"]) == set(NEUTRAL) and result["neutral"]["privacy"]["value"] == "pcc"
     assert len(result["messages"]) == 1

@@ -20,6 +20,9 @@ UNSAFE_SETTINGS = [
      ["no privileged runtime access (P)"], "log_level='debug'", "--log-level info"),
     ("plaintext HTTP beyond loopback", {}, dict(host="0.0.0.0"),
      ["enforceable guarantees (E)"], "host='0.0.0.0'", "--host 127.0.0.1"),
+    ("prefix caching", dict(enable_prefix_caching=True), None,
+     ["stateless computation (S)", "enforceable guarantees (E)"], "enable_prefix_caching=True",
+     "--public-prefix-file"),
 ]
 IDS = [case[0] for case in UNSAFE_SETTINGS]
 

@@ -11,8 +11,10 @@ from ccserve.kv.block_pool import BlockPool
 from ccserve.sampling_params import SamplingParams
 
 SCHEDULER_FILE = sys.modules[Scheduler.__module__].__file__
-# What the scheduler may read of a sequence: progress, size, blocks and its own lifecycle state.
-ALLOWED = {"num_computed_tokens", "num_uncomputed_tokens", "num_tokens", "block_ids", "status", "finish_reason"}
+# What the scheduler may read of a sequence: progress, size, blocks (its own and the public prefix blocks the engine
+# matched when it was added) and its own lifecycle state.
+ALLOWED = {"num_computed_tokens", "num_uncomputed_tokens", "num_tokens", "block_ids", "shared_block_ids", "status",
+           "finish_reason"}
 
 
 class Watched(Sequence):

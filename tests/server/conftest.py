@@ -49,14 +49,14 @@ class LiveServer:
         self.thread.join(timeout=30)
 
     def wait_idle(self, timeout: float = 30) -> None:
-        """Until no request is unfinished and every KV block is back in the pool."""
+        """Until no request is unfinished and every KV block is back in the pool (but the public prefixes')."""
         def idle() -> bool:
             s = self.async_engine.stats
-            return self.async_engine.num_unfinished == 0 and s.num_free_blocks == s.num_total_blocks \
-                and s.num_running == 0 and s.num_waiting == 0
+            return self.async_engine.num_unfinished == 0 and s.num_running == 0 and s.num_waiting == 0 \
+                and s.num_free_blocks == s.num_total_blocks - s.num_public_prefix_blocks
         wait_until(idle, timeout)
         stats = self.engine.stats()  # the engine thread is asleep now, so reading it here is safe
-        assert stats.num_free_blocks == stats.num_total_blocks
+        assert stats.num_free_blocks == stats.num_total_blocks - stats.num_public_prefix_blocks
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:

@@ -1,0 +1,122 @@
+"""Sealed collectives: the tensor-parallel group of `--cc naive|pipelined`, where every byte a collective moves
+between GPUs is AES-256-GCM sealed under a per-link key and verified on receipt (docs/tp.md, phase 3).
+
+Same interface as TensorParallelGroup (rank, size, group, all_reduce, all_gather, min_over_ranks, close), so the
+layers do not know which one they hold. Both collectives are built on one exchange: each rank seals its
+contribution once per peer (ccserve.secure.links: key and IV counter of that directed link), the sealed messages
+cross in one all_to_all, and each rank verifies and decrypts what its peers sent. Then
+- all_reduce sums the contributions locally in rank order, so every rank computes the same additions in the same
+  order and holds a bit-identical sum (a ring all-reduce over sealed data would need a seal per hop instead);
+- all_gather concatenates them in rank order.
+A message that fails authentication raises IntegrityError on the receiving rank at once (one host sync per
+collective: the verdict must be known before the sum is used); under the engine that fails the step, and a failed
+step ends the group (the existing worker-failure path).
+
+Not capturable in a CUDA graph: the IV counters are kernel arguments read at launch, so a replayed graph would
+reuse them, and the verdict needs the host. The engine runs decodes eagerly under --cc with tensor parallelism.
+"""
+from __future__ import annotations
+
+from functools import reduce
+
+import torch
+import torch.distributed as dist
+
+from ccserve.distributed.group import TensorParallelGroup
+from ccserve.kernels.aes_gcm import alloc_plain
+from ccserve.secure.errors import IntegrityError
+from ccserve.secure.links import OFFER_BYTES, LinkKeyAgreement, SealedLinks
+
+CHUNK_BYTES = 64 << 10      # one GCM message per 64 KiB: a decode step's all-reduce still spreads over the GPU
+
+
+class SealedTensorParallelGroup:
+    """A tensor-parallel group whose collectives carry only sealed payloads between ranks."""
+
+    capturable = False
+
+    def __init__(self, plain: TensorParallelGroup, device: torch.device, chunk_bytes: int = CHUNK_BYTES) -> None:
+        """Agree on link keys with every other rank (a collective: every rank constructs its group together).
+        device: this rank's device; CUDA tensors are sealed by the GPU kernels, CPU tensors through OpenSSL."""
+        if plain.size < 2:
+            raise ValueError("a sealed tensor-parallel group needs at least 2 ranks (size 1 has no links)")
+        self.rank, self.size, self.group = plain.rank, plain.size, plain.group
+        self._plain = plain
+        self.device = device
+        self._links = self._agree(device, chunk_bytes)
+
+    def _agree(self, device: torch.device, chunk_bytes: int) -> SealedLinks:
+        """Exchange key offers over a gloo group: its connections stay in host memory of the confidential VM, a
+        trusted path, so the host cannot replace a public key as it could on the GPU links."""
+        control = dist.new_group(backend="gloo")
+        try:
+            agreement = LinkKeyAgreement()
+            mine = torch.frombuffer(bytearray(agreement.offer), dtype=torch.uint8)
+            offers = [torch.empty(OFFER_BYTES, dtype=torch.uint8) for _ in range(self.size)]
+            dist.all_gather(offers, mine, group=control)
+        finally:
+            dist.destroy_process_group(control)
+        return agreement.derive(self.rank, [o.numpy().tobytes() for o in offers], device, chunk_bytes)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the ranks, in place: every rank adds the same contributions in rank order."""
+        x.copy_(reduce(torch.add, self._exchange(x)))
+        return x
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's x along the last dimension, in rank order: [..., n] -> [..., size * n]."""
+        return torch.cat(self._exchange(x), dim=-1)
+
+    def min_over_ranks(self, value: int, device: torch.device) -> int:
+        """Delegated unsealed: a KV block count is sizing, not request data."""
+        return self._plain.min_over_ranks(value, device)
+
+    def close(self) -> None:
+        """Zeroize the link keys; further collectives raise ChannelClosed."""
+        self._links.close()
+
+    def _exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's x, in rank order: this rank's own, the others' verified and decrypted."""
+        x = x.contiguous()
+        nbytes = x.numel() * x.element_size()
+        plain = _as_bytes(x, nbytes)
+        if nbytes == 0:
+            return [x] * self.size
+        width = self._links.wire_width(nbytes)
+        peers = [p for p in range(self.size) if p != self.rank]
+        send = torch.empty(len(peers) * width, dtype=torch.uint8, device=x.device)
+        for i, peer in enumerate(peers):
+            self._links.seal(peer, plain, nbytes, send[i * width:(i + 1) * width])
+        recv = self._transfer(send, width)
+        parts = []
+        for p in range(self.size):
+            if p == self.rank:
+                parts.append(x)
+                continue
+            i = peers.index(p)
+            out = alloc_plain(nbytes, x.device)
+            ok = self._links.open(p, recv[i * width:(i + 1) * width], out, nbytes)
+            if not bool(ok.all()):
+                self.close()    # fail closed: the lock-step counters can no longer be trusted
+                raise IntegrityError(f"a tensor-parallel message from rank {p} to rank {self.rank} failed "
+                                     "authentication (tampered, replayed or reordered): nothing of it was used")
+            parts.append(out[:nbytes].view(x.dtype).view(x.shape))
+        return parts
+
+    def _transfer(self, send: torch.Tensor, width: int) -> torch.Tensor:
+        """One all_to_all: `width` sealed bytes to each peer (in rank order), none to this rank itself."""
+        splits = [0 if p == self.rank else width for p in range(self.size)]
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, splits, splits, group=self.group)
+        return recv
+
+
+def _as_bytes(x: torch.Tensor, nbytes: int) -> torch.Tensor:
+    """x's bytes as a uint8 buffer padded to 16 bytes and 16-byte aligned, as the kernels need: a view when x's
+    size and address allow it, else a copy."""
+    flat = x.view(-1).view(torch.uint8)
+    if nbytes % 16 == 0 and flat.data_ptr() % 16 == 0:
+        return flat
+    padded = alloc_plain(nbytes, x.device)
+    padded[:nbytes].copy_(flat)
+    return padded
