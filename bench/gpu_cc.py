@@ -67,9 +67,7 @@ def run_mode(cc: str, workloads: list[str], repeats: int, **extra) -> dict:
         r["channel"] = channel_stats(llm)
         row["results"][name] = r
         print(cc, name, r["output_tok_s"], r["channel"], flush=True)
-    llm.engine.runner.boundary.close()
-    if llm.engine.swapper is not None:
-        llm.engine.swapper.close()
+    llm.close()
     del llm
     gc.collect()
     torch.cuda.empty_cache()

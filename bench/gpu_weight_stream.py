@@ -66,11 +66,7 @@ def host_memory_bytes() -> int:
 
 def close(llm: LLM) -> None:
     """Give back what an engine holds (channel threads, pinned host copies) before the next one loads."""
-    if llm.engine.runner.weights is not None:
-        llm.engine.runner.weights.close()
-    llm.engine.runner.boundary.close()
-    if llm.engine.swapper is not None:
-        llm.engine.swapper.close()
+    llm.close()
     del llm
     gc.collect()
     torch.cuda.empty_cache()

@@ -19,7 +19,8 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
 
     def close(self) -> None:
-        """End the engine's tensor-parallel workers now (they also end when this process exits)."""
+        """End the engine's tensor-parallel workers and zeroize its channels' keys now (workers also end when
+        this process exits)."""
         self.engine.close()
 
     @property

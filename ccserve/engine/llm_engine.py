@@ -137,9 +137,18 @@ class LLMEngine:
     # ---- the step --------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """End the tensor-parallel workers and leave the group (size 1: nothing to end)."""
+        """Release what the engine holds besides memory: the tensor-parallel workers, and every channel's keys
+        and crypto worker threads (steps and KV swap, LoRA adapter loads, streamed weights). Idempotent; the
+        engine is not used afterwards."""
         if self.runner.peers is not None:
             self.runner.peers.close()
+        self.runner.boundary.close()
+        if self.swapper is not None:
+            self.swapper.close()
+        if self.runner.weights is not None:
+            self.runner.weights.close()
+        if self.runner.lora is not None:
+            self.runner.lora.close()
 
     def step(self) -> list[RequestOutput]:
         """Schedule and run one batch (several decode steps when that is safe). Outputs cover every request

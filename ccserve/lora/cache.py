@@ -47,6 +47,11 @@ class AdapterCache:
         for name, buffer in self.packed.items():
             self.channel.register(buffer, key=_key(name))
 
+    def close(self) -> None:
+        """Zeroize the adapter channel's keys and stop its workers (the engine is closing)."""
+        if self.channel is not None:
+            self.channel.close()
+
     def slot(self, name: str | None) -> int:
         """The slot a resident adapter occupies; -1 for no adapter."""
         return -1 if name is None else self.resident[name]

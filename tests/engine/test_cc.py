@@ -10,7 +10,7 @@ import torch
 from ccserve import LLM, SamplingParams
 from ccserve.config import EngineConfig
 from ccserve.engine.llm_engine import LLMEngine
-from ccserve.secure import IntegrityError, OwnerEnded
+from ccserve.secure import ChannelClosed, IntegrityError, OwnerEnded
 from tests.engine.test_engine import prompts_of
 from tests.tiny_models import make_tiny_model_dir
 
@@ -241,3 +241,15 @@ def test_aborting_a_request_sealed_ahead_relinquishes_it_and_the_rest_runs_on(mo
             assert done[f"r{i}"] == r
     assert not engine.runner.boundary.channel.failed
     assert_nothing_left(engine)
+
+
+def test_close_zeroizes_every_channel_once_and_again(model_dirs):
+    """LLM.close releases the engine's channels (steps and swap): keys zeroized, workers stopped; twice is fine."""
+    llm = LLM(str(model_dirs["llama"]), max_model_len=96, num_gpu_blocks=12, block_size=8, cc="pipelined",
+              preemption_mode="swap")
+    tokens(llm, prompts_of(2, seed=1))
+    channel = llm.engine.runner.boundary.channel
+    llm.close()
+    llm.close()
+    with pytest.raises(ChannelClosed):
+        channel.to_device(torch.zeros(16, dtype=torch.uint8))
