@@ -131,27 +131,19 @@ def main() -> None:
 
 
 def ab_scrub(llm: LLM, workloads: list[str]) -> dict:
-    """What scrubbing freed KV blocks costs (issue 8: at most 2% on A-mixed): output tok/s medians with the
-    runner's scrub as is and replaced by a no-op, runs interleaved on one GPU. The no-op exists only here, for
-    the measurement; the engine has no switch that turns scrubbing off."""
-    runner = llm.engine.runner
-    result = {}
-    for spec in workloads:
-        name, _, repeats = spec.partition(":")
-        runs = {"on": [], "off": []}
-        for _ in range(int(repeats or 1)):
-            for variant in ("on", "off"):
-                if variant == "off":
-                    runner.scrub = lambda block_ids: None
-                runs[variant].append(run_workload(llm, name, repeats=1)["output_tok_s"])
-                runner.__dict__.pop("scrub", None)
-        result[name] = {v: sorted(r)[len(r) // 2] for v, r in runs.items()} | {"runs": runs}
-    return result
+    """What scrubbing freed KV blocks costs (issue 8: at most 2% on A-mixed): the runner's scrub as is against a
+    no-op. The no-op exists only here, for the measurement; the engine has no switch that turns scrubbing off."""
+    return interleaved_ab(llm, workloads, llm.engine.runner, "scrub", lambda block_ids: None)
 
 
 def ab_continuation(llm: LLM, workloads: list[str]) -> dict:
-    """Output tok/s medians with and without continued decode windows, runs interleaved on one GPU."""
-    engine = llm.engine
+    """Decode windows continued on the device against not continued."""
+    return interleaved_ab(llm, workloads, llm.engine, "_continuation", lambda window: None)
+
+
+def interleaved_ab(llm: LLM, workloads: list[str], owner: object, method: str, off: object) -> dict:
+    """Output tok/s medians with `owner.method` as is ("on") and shadowed by `off` ("off"), runs interleaved on
+    one GPU: an A/B that machine-to-machine spread cannot blur."""
     result = {}
     for spec in workloads:
         name, _, repeats = spec.partition(":")
@@ -159,13 +151,12 @@ def ab_continuation(llm: LLM, workloads: list[str]) -> dict:
         for _ in range(int(repeats or 1)):
             for variant in ("on", "off"):
                 if variant == "off":
-                    engine._continuation = lambda window: None
+                    setattr(owner, method, off)
                 runs[variant].append(run_workload(llm, name, repeats=1)["output_tok_s"])
-                engine.__dict__.pop("_continuation", None)
+                owner.__dict__.pop(method, None)
         result[name] = {v: sorted(r)[len(r) // 2] for v, r in runs.items()} | {"runs": runs}
-        print(name, "A/B", result[name], flush=True)
+        print(name, method, "A/B", result[name], flush=True)
     return result
-
 
 if __name__ == "__main__":
     main()
