@@ -30,16 +30,29 @@ def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_si
 
 
 @triton.jit
-def _rotate_heads(X, stride_h, num_heads, first_head, cos, sin, offs_d, d_mask,
+def _token_cos_sin(CosSin, Positions, token, stride_cache, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One token's cos and sin rows [1, BLOCK_HALF] (float32), with the half-dimension offsets and their mask."""
+    pos = tl.load(Positions + token).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    cos = tl.load(CosSin + pos * stride_cache + offs_d, mask=d_mask, other=0.0)[None, :]
+    sin = tl.load(CosSin + pos * stride_cache + HALF + offs_d, mask=d_mask, other=0.0)[None, :]
+    return cos, sin, offs_d, d_mask
+
+
+@triton.jit
+def _rotate_heads(Src, Dst, stride_src_h, stride_dst_h, num_heads, first_head, cos, sin, offs_d, d_mask,
                   HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Rotate heads [first_head, first_head + BLOCK_H) of one token; X points at that token's row."""
+    """Rotate heads [first_head, first_head + BLOCK_H) of one token from Src into Dst (each pointing at that
+    token's row; the same row rotates in place), in float32, stored in Dst's dtype."""
     heads = first_head + tl.arange(0, BLOCK_H)
     mask = (heads < num_heads)[:, None] & d_mask[None, :]
-    ptr1 = X + heads[:, None] * stride_h + offs_d[None, :]
-    x1 = tl.load(ptr1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr1, (x1 * cos - x2 * sin).to(X.dtype.element_ty), mask=mask)
-    tl.store(ptr1 + HALF, (x2 * cos + x1 * sin).to(X.dtype.element_ty), mask=mask)
+    src = Src + heads[:, None] * stride_src_h + offs_d[None, :]
+    dst = Dst + heads[:, None] * stride_dst_h + offs_d[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * cos - x2 * sin).to(Dst.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(Dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -50,17 +63,15 @@ def _rotary_kernel(Positions, Q, K, CosSin, num_q_heads, num_k_heads,
     of q while j < cdiv(num_q_heads, BLOCK_H), else of k."""
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    pos = tl.load(Positions + token).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    d_mask = offs_d < HALF
-    cos = tl.load(CosSin + pos * stride_cache + offs_d, mask=d_mask, other=0.0)[None, :]
-    sin = tl.load(CosSin + pos * stride_cache + HALF + offs_d, mask=d_mask, other=0.0)[None, :]
+    cos, sin, offs_d, d_mask = _token_cos_sin(CosSin, Positions, token, stride_cache, HALF, BLOCK_HALF)
     q_tiles = tl.cdiv(num_q_heads, BLOCK_H)
     if tile < q_tiles:
-        _rotate_heads(Q + token * stride_qt, stride_qh, num_q_heads, tile * BLOCK_H, cos, sin, offs_d, d_mask,
+        row = Q + token * stride_qt
+        _rotate_heads(row, row, stride_qh, stride_qh, num_q_heads, tile * BLOCK_H, cos, sin, offs_d, d_mask,
                       HALF, BLOCK_H)
     else:
-        _rotate_heads(K + token * stride_kt, stride_kh, num_k_heads, (tile - q_tiles) * BLOCK_H, cos, sin, offs_d,
+        row = K + token * stride_kt
+        _rotate_heads(row, row, stride_kh, stride_kh, num_k_heads, (tile - q_tiles) * BLOCK_H, cos, sin, offs_d,
                       d_mask, HALF, BLOCK_H)
 
 

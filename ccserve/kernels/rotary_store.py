@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ccserve.kernels.kv_store import store_kv_ref
-from ccserve.kernels.rotary import HALF_TILE, _rotate_heads, rotary_ref
+from ccserve.kernels.rotary import HALF_TILE, _rotate_heads, _token_cos_sin, rotary_ref
 
 
 def rotary_store_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -35,32 +35,24 @@ def _rotary_store_kernel(Positions, Q, Key, Value, KCache, VCache, SlotMapping, 
     program of the token rotates its keys into the cache and copies its values there (slot -1: nothing)."""
     token = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
-    pos = tl.load(Positions + token).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_HALF)
-    d_mask = offs_d < HALF
-    cos = tl.load(CosSin + pos * stride_cache + offs_d, mask=d_mask, other=0.0)[None, :]
-    sin = tl.load(CosSin + pos * stride_cache + HALF + offs_d, mask=d_mask, other=0.0)[None, :]
+    cos, sin, offs_d, d_mask = _token_cos_sin(CosSin, Positions, token, stride_cache, HALF, BLOCK_HALF)
     if tile < tl.num_programs(1) - 1:
-        _rotate_heads(Q + token * stride_qt, stride_qh, num_q_heads, tile * BLOCK_H, cos, sin, offs_d, d_mask,
+        row = Q + token * stride_qt
+        _rotate_heads(row, row, stride_qh, stride_qh, num_q_heads, tile * BLOCK_H, cos, sin, offs_d, d_mask,
                       HALF, BLOCK_H)
     else:
         slot = tl.load(SlotMapping + token)
         if slot >= 0:
             block = slot // BLOCK_SIZE
             offset = slot % BLOCK_SIZE
+            _rotate_heads(Key + token * stride_kt, KCache + block * stride_kcb + offset * stride_kcs, stride_kh,
+                          stride_kch, NUM_KV_HEADS, 0, cos, sin, offs_d, d_mask, HALF, BLOCK_HK)
             heads = tl.arange(0, BLOCK_HK)[:, None]
             mask = (heads < NUM_KV_HEADS) & d_mask[None, :]
-            src = Key + token * stride_kt + heads * stride_kh + offs_d[None, :]
-            x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-            dst = KCache + block * stride_kcb + offset * stride_kcs + heads * stride_kch + offs_d[None, :]
-            tl.store(dst, (x1 * cos - x2 * sin).to(KCache.dtype.element_ty), mask=mask)
-            tl.store(dst + HALF, (x2 * cos + x1 * sin).to(KCache.dtype.element_ty), mask=mask)
             src = Value + token * stride_vt + heads * stride_vh + offs_d[None, :]
             dst = VCache + block * stride_vcb + offset * stride_vcs + heads * stride_vch + offs_d[None, :]
             tl.store(dst, tl.load(src, mask=mask).to(VCache.dtype.element_ty), mask=mask)
             tl.store(dst + HALF, tl.load(src + HALF, mask=mask).to(VCache.dtype.element_ty), mask=mask)
-
 
 def rotary_store_triton(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

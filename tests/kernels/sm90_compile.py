@@ -15,6 +15,7 @@ from triton.compiler import ASTSource
 from ccserve.kernels import decode_attention as dec
 from ccserve.kernels import kv_store as st
 from ccserve.kernels import prefill_attention as pre
+from ccserve.kernels import rotary as rot
 from ccserve.kernels import rotary_store as rs
 from tests.kernels.quantized import make_cache
 
@@ -70,6 +71,7 @@ def main(formats: list[str]) -> None:
         patch(dec, name)
     patch(pre, "_prefill_kernel")
     patch(rs, "_rotary_store_kernel")
+    patch(rot, "_rotary_kernel")
     for name in ("_store_kv_kernel", "_store_token_quant_kernel", "_store_channel_quant_kernel"):
         patch(st, name)
     hk, bs, d, h = 8, 16, 128, 32
@@ -93,10 +95,12 @@ def main(formats: list[str]) -> None:
                                          pruned=pruned)
         st.store_kv_triton(torch.randn(5, hk, d, dtype=torch.bfloat16), torch.randn(5, hk, d, dtype=torch.bfloat16),
                            k, v, torch.tensor([0, 1, 2, 17, 40]))
+        qkv = torch.randn(5, h + 2 * hk, d, dtype=torch.bfloat16)
         if isinstance(k, torch.Tensor):          # the fused rotary + store serves model-dtype caches
-            qkv = torch.randn(5, h + 2 * hk, d, dtype=torch.bfloat16)
             rs.rotary_store_triton(torch.arange(5), qkv[:, :h], qkv[:, h:h + hk], qkv[:, h + hk:],
                                    torch.randn(64, d), k, v, torch.tensor([0, 1, 2, 17, 40]))
+        elif fmt_name == formats[-1]:            # quantized caches rotate in place first (one build is enough)
+            rot.rotary_triton(torch.arange(5), qkv[:, :h], qkv[:, h:h + hk], torch.randn(64, d), d)
         for kname, fn, args, kwargs in launches[start:]:
             try:
                 report = compile_launch(kname, fn, args, kwargs)
