@@ -184,9 +184,6 @@ class EngineConfig:
             raise ValueError(f"max_lora_rank must be in [1, 512] (--max-lora-rank), got {self.max_lora_rank}")
         if self.max_loras < 1:
             raise ValueError(f"max_loras must be >= 1 (--max-loras: GPU adapter cache slots), got {self.max_loras}")
-        if self.lora_adapters and self.tensor_parallel_size > 1:
-            raise ValueError("LoRA adapters run with tensor_parallel_size 1 only (for now): drop --lora or "
-                             "--tensor-parallel-size")
 
     def _validate_tensor_parallel(self) -> None:
         size = self.tensor_parallel_size
