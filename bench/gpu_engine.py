@@ -4,7 +4,9 @@ Usage (on the GPU machine, repository root): python bench/gpu_engine.py [WORKLOA
 Env: OUT (directory for the JSON), CCSERVE_COMMIT (commit id; the device copy has no .git),
 MAX_NUM_SEQS, MAX_BATCHED, SKIP_CHECK=1, SKIP_BATCH1=1, AB=1 (each workload also without continued decode
 windows, runs interleaved on the same GPU: an A/B that machine-to-machine spread cannot blur), SCRUB_AB=1 (each
-workload also with KV scrubbing replaced by a no-op, interleaved: what scrubbing costs).
+workload also with KV scrubbing replaced by a no-op, interleaved: what scrubbing costs), TP (tensor-parallel
+size: that many visible GPUs, the tiny-model check included), CC (off/naive/pipelined, default off), KV_FORMAT
+(a KV preset such as fp8 or K8V8; default bf16).
 """
 from __future__ import annotations
 
@@ -23,6 +25,19 @@ from ccserve import LLM, SamplingParams  # noqa: E402
 from ccserve.bench.throughput import commit, machine, run_workload  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent / "models" / os.environ.get("MODEL", "llama3-8b")
+TP = int(os.environ.get("TP", 1))
+CC = os.environ.get("CC", "off")
+# vLLM 0.24.0 output tok/s from ../shared/peers/RESULTS.md, by (GPU, model, TP size).
+PEERS = {("H100", "llama3-8b", 1): {"A-mixed": 8597, "B-pressure": 9479, "C-decode": 7036},
+         ("H200", "llama3-8b", 1): {"A-mixed": 9946, "C-decode": 9050},
+         ("H200", "llama3-8b", 2): {"A-mixed": 15741, "C-decode": 13546},
+         ("H200", "llama3-70b", 2): {"A-mixed": 2737, "C-decode": 2477}}
+
+
+def peer_numbers() -> dict[str, int]:
+    """The peer's numbers for this GPU, model and TP size; empty where the peer was not measured."""
+    gpu = next((g for g in ("H100", "H200") if g in torch.cuda.get_device_name()), "")
+    return PEERS.get((gpu, MODEL.name, TP), {})
 
 
 def check_against_hf() -> dict:
@@ -35,7 +50,8 @@ def check_against_hf() -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             path = make_tiny_model_dir(Path(tmp) / family, family)
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
-            llm = LLM(str(path), dtype="float32", max_model_len=256, gpu_memory_utilization=0.3, num_gpu_blocks=256)
+            llm = LLM(str(path), dtype="float32", max_model_len=256, gpu_memory_utilization=0.3, num_gpu_blocks=256,
+                      tensor_parallel_size=TP, cc=CC)
             prompts = [[5 + i, 17, 42 + i, 99, 3] * (i + 1) for i in range(4)]
             outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
             same = 0
@@ -47,6 +63,7 @@ def check_against_hf() -> dict:
                 ref = ref[len(p):]
                 same += ref == o.token_ids
             results[family] = f"{same}/{len(prompts)} greedy sequences identical"
+            llm.close()
             del llm, hf
             torch.cuda.empty_cache()
     return results
@@ -80,14 +97,17 @@ def batch1_decode(llm: LLM, context: int = 1024, steps: int = 256) -> float:
 def main() -> None:
     out_dir = Path(os.environ.get("OUT", "bench/results"))
     workloads = sys.argv[1:] or ["A-mixed", "C-decode", "B-pressure"]
-    result = dict(machine=machine(), commit=commit(), model=MODEL.name, results={})
+    result = dict(machine=machine(), commit=commit(), model=MODEL.name, gpus=TP, results={})
     if not os.environ.get("SKIP_CHECK"):
         result["check"] = check_against_hf()
         print("check", result["check"], flush=True)
     result["copy_gbps"] = round(copy_bandwidth(), 1)
     kwargs = dict(load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.9,
                   max_num_seqs=int(os.environ.get("MAX_NUM_SEQS", 256)),
-                  max_num_batched_tokens=int(os.environ.get("MAX_BATCHED", 8192)))
+                  max_num_batched_tokens=int(os.environ.get("MAX_BATCHED", 8192)), tensor_parallel_size=TP, cc=CC)
+    kv_format = os.environ.get("KV_FORMAT", "bf16")
+    if kv_format != "bf16":
+        kwargs["kv_format"] = kv_format
     t = time.perf_counter()
     llm = LLM(str(MODEL), **kwargs)
     result["startup_s"] = round(time.perf_counter() - t, 1)
@@ -100,7 +120,7 @@ def main() -> None:
                                           ratio_to_floor=round(ms / floor_ms, 3),
                                           weight_gb=round(weight_bytes / 1e9, 2))
         print("batch1", result["batch1_decode_1k"], flush=True)
-    peers = {"A-mixed": 8597, "B-pressure": 9479, "C-decode": 7036}
+    peers = peer_numbers()
     if os.environ.get("AB"):
         result["ab_continuation"] = ab_continuation(llm, workloads)
     if os.environ.get("SCRUB_AB"):
@@ -108,11 +128,14 @@ def main() -> None:
     for spec in workloads:
         name, _, repeats = spec.partition(":")
         r = run_workload(llm, name, repeats=int(repeats or os.environ.get("REPEATS", 1)))
-        r["vs_vllm"] = round(r["output_tok_s"] / peers[name], 3)
+        r["vs_vllm"] = round(r["output_tok_s"] / peers[name], 3) if name in peers else None
         result["results"][name] = r
         print(name, r, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpu_engine.json").write_text(json.dumps(result, indent=1))
+    llm.close()
+    suffix = "".join(f"-{part}" for part, on in ((f"tp{TP}", TP > 1), (CC, CC != "off"), (kv_format, kv_format != "bf16"))
+                     if on)
+    (out_dir / f"gpu_engine-{MODEL.name}{suffix}.json").write_text(json.dumps(result, indent=1))
     print("\n| what | value |\n|---|---|")
     print(f"| copy GB/s | {result['copy_gbps']} |")
     if "batch1_decode_1k" in result:

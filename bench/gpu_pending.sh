@@ -9,6 +9,9 @@
 #   kv       issue 7: fp8/K8V8 engine rows with more sequences admitted (B-pressure, max_num_seqs 512)
 #   lora     issue 6 row 3: 64 rank-16 adapters, Zipf, 8 GPU slots
 #   swap     issue 6 row 1: B-pressure with swap preemption, off/naive/pipelined
+#   tp8      issue 10 (2 GPUs): Llama-3-8B engine at TP=2 (tiny-model check first), TP=1, TP=2 under --cc pipelined
+#   tp70     issue 10 (2 GPUs): Llama-3-70B engine at TP=2
+#   tpmodel  issue 10 (2 GPUs): model-level decode/prefill times at TP=1/2, NCCL vs sealed collectives
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -36,6 +39,13 @@ for s in ${STAGES:-cc weights kv lora swap}; do
                 python3 bench/gpu_kv_formats.py fp8 K8V8 ;;
         lora) stage lora 240 python3 bench/gpu_lora.py ;;
         swap) stage swap 300 env MODES=off,pipelined REPEATS=1 python3 bench/gpu_cc.py B-pressure ;;
+        tp8) stage tp8-tp2 240 env TP=2 SKIP_BATCH1=1 python3 bench/gpu_engine.py A-mixed C-decode
+             stage tp8-tp1 130 env SKIP_CHECK=1 SKIP_BATCH1=1 python3 bench/gpu_engine.py A-mixed C-decode
+             stage tp8-tp2-cc 160 env TP=2 CC=pipelined SKIP_CHECK=1 SKIP_BATCH1=1 \
+                 python3 bench/gpu_engine.py A-mixed C-decode ;;
+        tp70) stage tp70 330 env MODEL=llama3-70b TP=2 SKIP_CHECK=1 SKIP_BATCH1=1 \
+                  python3 bench/gpu_engine.py A-mixed C-decode ;;
+        tpmodel) stage tpmodel 240 env CC=off,pipelined python3 bench/gpu_tp.py ;;
         *) echo "unknown stage $s" ;;
     esac
 done
