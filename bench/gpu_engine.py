@@ -5,7 +5,7 @@ Env: OUT (directory for the JSON), CCSERVE_COMMIT (commit id; the device copy ha
 MAX_NUM_SEQS, MAX_BATCHED, SKIP_CHECK=1, SKIP_BATCH1=1, AB=1 (each workload also without continued decode
 windows, runs interleaved on the same GPU: an A/B that machine-to-machine spread cannot blur), SCRUB_AB=1 (each
 workload also with KV scrubbing replaced by a no-op, interleaved: what scrubbing costs), TP (tensor-parallel
-size: that many visible GPUs, the tiny-model check included), CC (off/naive/pipelined, default off), KV_FORMAT
+size: that many visible GPUs, the tiny-model check included), CC_MODE (off/naive/pipelined, default off), KV_FORMAT
 (a KV preset such as fp8 or K8V8; default bf16).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ccserve.bench.throughput import commit, machine, run_workload  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent / "models" / os.environ.get("MODEL", "llama3-8b")
 TP = int(os.environ.get("TP", 1))
-CC = os.environ.get("CC", "off")
+CC = os.environ.get("CC_MODE", "off")
 # vLLM 0.24.0 output tok/s from ../shared/peers/RESULTS.md, by (GPU, model, TP size).
 PEERS = {("H100", "llama3-8b", 1): {"A-mixed": 8597, "B-pressure": 9479, "C-decode": 7036},
          ("H200", "llama3-8b", 1): {"A-mixed": 9946, "C-decode": 9050},

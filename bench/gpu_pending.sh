@@ -41,11 +41,11 @@ for s in ${STAGES:-cc weights kv lora swap}; do
         swap) stage swap 300 env MODES=off,pipelined REPEATS=1 python3 bench/gpu_cc.py B-pressure ;;
         tp8) stage tp8-tp2 240 env TP=2 SKIP_BATCH1=1 python3 bench/gpu_engine.py A-mixed C-decode
              stage tp8-tp1 130 env SKIP_CHECK=1 SKIP_BATCH1=1 python3 bench/gpu_engine.py A-mixed C-decode
-             stage tp8-tp2-cc 160 env TP=2 CC=pipelined SKIP_CHECK=1 SKIP_BATCH1=1 \
+             stage tp8-tp2-cc 160 env TP=2 CC_MODE=pipelined SKIP_CHECK=1 SKIP_BATCH1=1 \
                  python3 bench/gpu_engine.py A-mixed C-decode ;;
         tp70) stage tp70 330 env MODEL=llama3-70b TP=2 SKIP_CHECK=1 SKIP_BATCH1=1 \
                   python3 bench/gpu_engine.py A-mixed C-decode ;;
-        tpmodel) stage tpmodel 240 env CC=off,pipelined python3 bench/gpu_tp.py ;;
+        tpmodel) stage tpmodel 240 env CC_MODES=off,pipelined python3 bench/gpu_tp.py ;;
         *) echo "unknown stage $s" ;;
     esac
 done

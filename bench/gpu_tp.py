@@ -4,7 +4,7 @@ For each size in SIZES, `size` processes (one per visible GPU, NCCL, NVLink mult
 with dummy weights and time, on rank 0: a decode step of batch B at CONTEXT tokens (CUDA graph, all-reduces
 captured inside it) for each B in BATCHES, and one prefill forward of PREFILL tokens (eager). Before timing,
 a tiny random Llama's fp32 logits at that size are checked against the whole model on rank 0's GPU.
-Each size > 1 runs once per mode in CC: "off" (NCCL collectives) or "naive"/"pipelined" (sealed collectives,
+Each size > 1 runs once per mode in CC_MODES: "off" (NCCL collectives) or "naive"/"pipelined" (sealed collectives,
 ccserve/distributed/sealed.py; the two modes seal collectives alike). Sealed collectives are not capturable, so
 their decode runs eagerly: every run also times the eager decode ("decode_eager_ms"), and a sealed run's
 "cc_cost_vs_off_eager" compares it with the same size's eager "off" decode (the sealing alone) while
@@ -12,7 +12,7 @@ their decode runs eagerly: every run also times the eager decode ("decode_eager_
 
 Usage (on the GPU machine, repository root): python bench/gpu_tp.py
 Env: MODEL (bench/models/<name>, default llama3-8b), SIZES (default "1,2"), BATCHES (default "1,64,256"),
-CONTEXT (1024), PREFILL (8192), CC (default "off"; e.g. "off,pipelined"), OUT (directory for the JSON),
+CONTEXT (1024), PREFILL (8192), CC_MODES (default "off"; e.g. "off,pipelined"; not CC, which Triton reads as the C compiler), OUT (directory for the JSON),
 CCSERVE_COMMIT; CPU_SMOKE=1 runs the same code on
 the CPU with gloo and a tiny model (checks the script itself, times nothing of interest).
 """
@@ -162,7 +162,7 @@ def main() -> None:
         model_dir = tiny if SMOKE else str(Path(__file__).resolve().parent / "models" /
                                            os.environ.get("MODEL", "llama3-8b"))
         results = []
-        modes = os.environ.get("CC", "off").split(",")
+        modes = os.environ.get("CC_MODES", "off").split(",")
         for size in _ints("SIZES", "1,2"):
             for cc in modes if size > 1 else ["off"]:     # size 1 has no collective to seal
                 spawn(rank_main, size, model_dir, tiny, tmp, cc)
