@@ -121,6 +121,8 @@ def rank_main(rank: int, size: int, init_method: str, model_dir: str, tiny_dir: 
     tp = init_tensor_parallel(rank, size, init_method, device)
     if cc != "off":
         tp = SealedTensorParallelGroup(tp, device)
+    graphs: list[torch.cuda.CUDAGraph] = []   # destroyed before the group: NCCL waits for them otherwise
+    step = None
     try:
         result = dict(size=size, cc=cc, tiny_max_abs_diff=check_tiny(tp, device, tiny_dir), decode_ms={},
                       decode_eager_ms={})
@@ -139,10 +141,10 @@ def rank_main(rank: int, size: int, init_method: str, model_dir: str, tiny_dir: 
             step = lambda: model(ids, pos, meta)  # noqa: E731
             result["decode_eager_ms"][batch] = timed_ms(step, 20)
             if DEVICE_TYPE == "cuda" and tp.capturable:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                graphs.append(torch.cuda.CUDAGraph())
+                with torch.cuda.graph(graphs[-1]):
                     model(ids, pos, meta)
-                step = graph.replay
+                step = graphs[-1].replay
             result["decode_ms"][batch] = timed_ms(step, 20)
         meta, pos = prefill_meta(prefill, min(prefill, context), device)
         ids = torch.randint(4, hf.vocab_size, (prefill,), device=device)
@@ -150,6 +152,8 @@ def rank_main(rank: int, size: int, init_method: str, model_dir: str, tiny_dir: 
         if rank == 0:
             Path(out, f"size{size}-{cc}.json").write_text(json.dumps(result))
     finally:
+        step = None
+        graphs.clear()
         destroy_tensor_parallel(tp)
 
 

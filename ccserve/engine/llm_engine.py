@@ -141,6 +141,7 @@ class LLMEngine:
         and crypto worker threads (steps and KV swap, LoRA adapter loads, streamed weights). Idempotent; the
         engine is not used afterwards."""
         if self.runner.peers is not None:
+            self.runner.drop_graphs()
             self.runner.peers.close()
         self.runner.boundary.close()
         if self.swapper is not None:

@@ -402,6 +402,15 @@ class ModelRunner:
             self.graphs[bs] = (graph, out)
             torch.cuda.synchronize()
 
+    def drop_graphs(self) -> None:
+        """Destroy the decode graphs (the runner then decodes eagerly). Needed before leaving a tensor-parallel
+        group: NCCL keeps a communicator that graphs captured collectives on alive until those graphs are gone,
+        so destroying the process group first waits forever."""
+        self.graphs.clear()
+        self.graphs_replayed.clear()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _replay(self, inputs: StepInputs, graph_bs: int) -> torch.Tensor:
         n = inputs.input_ids.shape[0]
         meta = inputs.meta

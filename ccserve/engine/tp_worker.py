@@ -42,12 +42,16 @@ def run_worker(rank: int, size: int, init_method: str, config: EngineConfig, con
         torch.set_num_threads(max(1, torch.get_num_threads() // size))  # the ranks share the host's cores
     conn.send_bytes(STARTED)
     tp = join_group(rank, size, init_method, config)
+    runner: ModelRunner | None = None
     try:
-        serve(ModelRunner(config, tp), conn)
+        runner = ModelRunner(config, tp)
+        serve(runner, conn)
     except Exception as exc:  # noqa: BLE001 - the type only: a message could quote what the step carried
         print(f"tensor-parallel worker rank {rank} failed: {type(exc).__name__}", file=sys.stderr)
         sys.exit(1)
     finally:
+        if runner is not None:
+            runner.drop_graphs()    # before the group goes: see ModelRunner.drop_graphs
         destroy_tensor_parallel(tp)
 
 
