@@ -69,11 +69,14 @@ def machine() -> dict:
 
 
 def commit() -> str:
+    """CCSERVE_COMMIT when set (a GPU machine's copy of the tree may carry a stale .git), else git's HEAD."""
+    if os.environ.get("CCSERVE_COMMIT"):
+        return os.environ["CCSERVE_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL, cwd=os.path.dirname(__file__)).strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("CCSERVE_COMMIT", "unknown")
+        return "unknown"
 
 
 def _sync() -> None:
