@@ -14,7 +14,11 @@ chunked GCM messages (ccserve.kernels.aes_gcm). H2D has two lanes: speculative (
 planned) and direct (everything unpredicted), so an unpredicted transfer never invalidates the speculation queue.
 A message that fails authentication raises IntegrityError, leaves zeros where plaintext would be, and fails the
 channel closed. On a CUDA device, copies and kernels run on the channel's own stream, so they overlap compute on
-the caller's stream; each call returns once its data is verified.
+the caller's stream; each call returns once its data is verified. Each direction has its own stream: an H2D
+message never queues behind a D2H seal that waits for the compute producing its source (the engine seals a decode
+window's tokens as soon as it is enqueued; one shared stream made the next step's inputs wait for that whole
+window, and the host could no longer run ahead of the GPU). H2D runs at high priority, since the host waits for
+its verdict.
 """
 from __future__ import annotations
 
@@ -105,7 +109,8 @@ class Channel:
         self.predictor = predictor or Predictor()
         self.stats = ChannelStats()
         self._cuda = self.device.type == "cuda"
-        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._h2d_stream = torch.cuda.Stream(self.device, priority=-1) if self._cuda else None
+        self._d2h_stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._sources: dict[Hashable, weakref.ref] = {}
         self._closed = False
         self._failed = False
@@ -238,9 +243,9 @@ class Channel:
         counter = self._send[Lane.D2H].take(num_chunks(nbytes, self.chunk_bytes))
         event = None
         if self._cuda:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))  # src is produced there
-            src.record_stream(self._stream)  # the caller may free src before this stream has read it
-        with self._on_stream():
+            self._d2h_stream.wait_stream(torch.cuda.current_stream(self.device))  # src is produced there
+            src.record_stream(self._d2h_stream)  # the caller may free src before this stream has read it
+        with self._on_stream(self._d2h_stream):
             plain = src.detach().contiguous().reshape(-1).view(torch.uint8)
             if plain.numel() % 16:
                 padded = alloc_plain(nbytes, plain.device)
@@ -252,10 +257,10 @@ class Channel:
                 host = alloc_wire(nbytes, self.chunk_bytes, "cpu", pin=True)
                 host.copy_(wire, non_blocking=True)
                 if wait:
-                    self._stream.synchronize()
+                    self._d2h_stream.synchronize()
                 else:
                     event = torch.cuda.Event()
-                    event.record(self._stream)
+                    event.record(self._d2h_stream)
                 wire = host
         return Sealed(wire, nbytes, Lane.D2H, src.shape, src.dtype), event
 
@@ -279,7 +284,7 @@ class Channel:
             self._recv[sealed.lane].skip_to(skip_to)
         start = self._accept(sealed)
         nbytes = sealed.nbytes
-        with self._on_stream():
+        with self._on_stream(self._h2d_stream):
             wire = sealed.wire
             if self._cuda:
                 wire = alloc_wire(nbytes, self.chunk_bytes, self.device)
@@ -306,10 +311,10 @@ class Channel:
         return start
 
     def _plain_copy(self, src: torch.Tensor) -> torch.Tensor:
-        with self._on_stream():
+        with self._on_stream(self._h2d_stream):
             out = src.to(self.device, non_blocking=True)
             if self._cuda:
-                self._stream.synchronize()
+                self._h2d_stream.synchronize()
                 out.record_stream(torch.cuda.current_stream(self.device))
         return out
 
@@ -331,8 +336,8 @@ class Channel:
             self._open_h2d(Sealed(spec.wire, spec.nbytes, Lane.H2D_SPECULATIVE, torch.Size([spec.nbytes]),
                                   torch.uint8), skip_to=spec.counter)
 
-    def _on_stream(self):
-        return torch.cuda.stream(self._stream) if self._cuda else contextlib.nullcontext()
+    def _on_stream(self, stream: torch.cuda.Stream | None):
+        return torch.cuda.stream(stream) if self._cuda else contextlib.nullcontext()
 
     @property
     def failed(self) -> bool:
