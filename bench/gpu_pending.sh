@@ -12,6 +12,7 @@
 #   tp8      issue 10 (2 GPUs): Llama-3-8B engine at TP=2 (tiny-model check first), TP=1, TP=2 under --cc pipelined
 #   tp70     issue 10 (2 GPUs): Llama-3-70B engine at TP=2
 #   tpmodel  issue 10 (2 GPUs): model-level decode/prefill times at TP=1/2, NCCL vs sealed collectives
+#   tpcc     issue 10 (2 GPUs): sealed collectives captured in graphs: model level at TP=2, then the engine rows
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -46,6 +47,8 @@ for s in ${STAGES:-cc weights kv lora swap}; do
         tp70) stage tp70 330 env MODEL=llama3-70b TP=2 SKIP_CHECK=1 SKIP_BATCH1=1 \
                   python3 bench/gpu_engine.py A-mixed C-decode ;;
         tpmodel) stage tpmodel 240 env CC_MODES=off,pipelined python3 bench/gpu_tp.py ;;
+        tpcc) stage tpcc-model 200 env CC_MODES=off,pipelined SIZES=2 python3 bench/gpu_tp.py
+              stage tpcc-engine 200 env TP=2 CC_MODE=pipelined SKIP_BATCH1=1 python3 bench/gpu_engine.py A-mixed C-decode ;;
         *) echo "unknown stage $s" ;;
     esac
 done

@@ -66,8 +66,8 @@ def breakdown(dev: torch.device, nbytes: int, reps: int) -> dict:
     ok = torch.ones(g.num_chunks(nbytes, CHUNK), dtype=torch.int32, device=dev)
     gh = g._ghash(dk, wire, nbytes, CHUNK)
     t_gh = gpu_time(lambda: g._ghash(dk, wire, nbytes, CHUNK), reps)
-    t_fin = gpu_time(lambda: g._finalize(dk, wire, ok, gh, nbytes, CHUNK, 1, 0, True), reps)
-    t_ctr = gpu_time(lambda: g._ctr(dk, wire, out, ok, nbytes, CHUNK, CHUNK + 16, CHUNK, 1, 0, True), reps)
+    t_fin = gpu_time(lambda: g._finalize(dk, wire, ok, gh, nbytes, CHUNK, 1, 0, dk.zero_counter, True), reps)
+    t_ctr = gpu_time(lambda: g._ctr(dk, wire, out, ok, nbytes, CHUNK, CHUNK + 16, CHUNK, 1, 0, dk.zero_counter, True), reps)
     return {name: nbytes / t / 1e9 for name, t in (("ghash", t_gh), ("finalize", t_fin), ("ctr", t_ctr))}
 
 
@@ -81,7 +81,7 @@ def ctr_variants(dev: torch.device, nbytes: int, reps: int) -> list[dict]:
     default = (g.CTR_TILE, g.CTR_WARPS)
     for tile, warps in ((128, 4), (256, 4), (256, 8), (512, 8)):
         g.CTR_TILE, g.CTR_WARPS = tile, warps
-        t = gpu_time(lambda: g._ctr(dk, plain, wire, ok, nbytes, CHUNK, CHUNK, CHUNK + 16, 1, 0, False), reps)
+        t = gpu_time(lambda: g._ctr(dk, plain, wire, ok, nbytes, CHUNK, CHUNK, CHUNK + 16, 1, 0, dk.zero_counter, False), reps)
         rows.append({"tile": tile, "warps": warps, "ctr_GBps": nbytes / t / 1e9})
     g.CTR_TILE, g.CTR_WARPS = default
     return rows

@@ -22,7 +22,6 @@ class TensorParallelGroup:
     rank: int
     size: int
     group: dist.ProcessGroup | None = None
-    capturable = True   # NCCL collectives replay inside CUDA graphs (the sealed group's do not)
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -40,6 +39,10 @@ class TensorParallelGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+    def verify(self) -> None:
+        """Nothing to check: plain collectives carry no authentication (the sealed group's verify raises when a
+        message failed)."""
 
     def close(self) -> None:
         """Nothing to release: plain collectives hold no keys (the sealed group zeroizes its own)."""

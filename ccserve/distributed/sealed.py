@@ -8,12 +8,14 @@ cross in one all_to_all, and each rank verifies and decrypts what its peers sent
 - all_reduce sums the contributions locally in rank order, so every rank computes the same additions in the same
   order and holds a bit-identical sum (a ring all-reduce over sealed data would need a seal per hop instead);
 - all_gather concatenates them in rank order.
-A message that fails authentication raises IntegrityError on the receiving rank at once (one host sync per
-collective: the verdict must be known before the sum is used); under the engine that fails the step, and a failed
-step ends the group (the existing worker-failure path).
+A message that fails authentication does not stop the collective, and never releases what it carried: its failed
+chunks decrypt to zeros, and the receiving rank sets its sticky `failed` flag on the device. Every message carries
+its sender's flag (a 16-byte trailer, inside the seal), so a failure anywhere reaches every rank with the
+collectives that follow; the engine asks `verify()` once per step, after it has read the step's tokens (a point
+where it waits for the GPU anyway), and a failed step ends the group (the existing worker-failure path).
 
-Not capturable in a CUDA graph: the IV counters are kernel arguments read at launch, so a replayed graph would
-reuse them, and the verdict needs the host. The engine runs decodes eagerly under --cc with tensor parallelism.
+Capturable in a CUDA graph: the IV counters live on the device (ccserve.secure.links) and the verdict stays on the
+device until verify(), so no collective waits for the host.
 """
 from __future__ import annotations
 
@@ -28,12 +30,11 @@ from ccserve.secure.errors import IntegrityError
 from ccserve.secure.links import OFFER_BYTES, LinkKeyAgreement, SealedLinks
 
 CHUNK_BYTES = 64 << 10      # one GCM message per 64 KiB: a decode step's all-reduce still spreads over the GPU
+TRAILER_BYTES = 16          # after the payload (padded to 16 bytes), inside the seal: the sender's failed flag
 
 
 class SealedTensorParallelGroup:
     """A tensor-parallel group whose collectives carry only sealed payloads between ranks."""
-
-    capturable = False
 
     def __init__(self, plain: TensorParallelGroup, device: torch.device, chunk_bytes: int = CHUNK_BYTES) -> None:
         """Agree on link keys with every other rank (a collective: every rank constructs its group together).
@@ -44,6 +45,7 @@ class SealedTensorParallelGroup:
         self._plain = plain
         self.device = device
         self._links = self._agree(device, chunk_bytes)
+        self.failed = torch.zeros(1, dtype=torch.int32, device=device)   # sticky: a message failed, here or before
 
     def _agree(self, device: torch.device, chunk_bytes: int) -> SealedLinks:
         """Exchange key offers over a gloo group: its connections stay in host memory of the confidential VM, a
@@ -71,22 +73,36 @@ class SealedTensorParallelGroup:
         """Delegated unsealed: a KV block count is sizing, not request data."""
         return self._plain.min_over_ranks(value, device)
 
+    def verify(self) -> None:
+        """Raise IntegrityError if a message failed authentication on this rank, or on a rank whose messages have
+        reached this one since (waits for the device). The group is closed then: fail closed."""
+        if int(self.failed.item()):
+            self.close()
+            raise IntegrityError(f"a tensor-parallel message to rank {self.rank} or to a rank it heard from failed "
+                                 "authentication (tampered, replayed or reordered): nothing of it was used, the "
+                                 "results since the last check are discarded")
+
     def close(self) -> None:
         """Zeroize the link keys; further collectives raise ChannelClosed."""
         self._links.close()
 
     def _exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's x, in rank order: this rank's own, the others' verified and decrypted."""
+        """Every rank's x, in rank order: this rank's own, the others' verified and decrypted (zeros where a
+        message failed, which sets `failed`)."""
         x = x.contiguous()
         nbytes = x.numel() * x.element_size()
-        plain = _as_bytes(x, nbytes)
         if nbytes == 0:
             return [x] * self.size
-        width = self._links.wire_width(nbytes)
+        body = -(-nbytes // 16) * 16
+        plain = torch.zeros(body + TRAILER_BYTES, dtype=torch.uint8, device=x.device)
+        plain[:nbytes].copy_(x.view(-1).view(torch.uint8))
+        plain[body:body + 4].view(torch.int32).copy_(self.failed)
+        size = body + TRAILER_BYTES
+        width = self._links.wire_width(size)
         peers = [p for p in range(self.size) if p != self.rank]
         send = torch.empty(len(peers) * width, dtype=torch.uint8, device=x.device)
         for i, peer in enumerate(peers):
-            self._links.seal(peer, plain, nbytes, send[i * width:(i + 1) * width])
+            self._links.seal(peer, plain, size, send[i * width:(i + 1) * width])
         recv = self._transfer(send, width)
         parts = []
         for p in range(self.size):
@@ -94,12 +110,10 @@ class SealedTensorParallelGroup:
                 parts.append(x)
                 continue
             i = peers.index(p)
-            out = alloc_plain(nbytes, x.device)
-            ok = self._links.open(p, recv[i * width:(i + 1) * width], out, nbytes)
-            if not bool(ok.all()):
-                self.close()    # fail closed: the lock-step counters can no longer be trusted
-                raise IntegrityError(f"a tensor-parallel message from rank {p} to rank {self.rank} failed "
-                                     "authentication (tampered, replayed or reordered): nothing of it was used")
+            out = alloc_plain(size, x.device)
+            ok = self._links.open(p, recv[i * width:(i + 1) * width], out, size).to(x.device)
+            sender_failed = out[body:body + 4].view(torch.int32)
+            self.failed.bitwise_or_((ok == 0).any().to(torch.int32) | sender_failed)
             parts.append(out[:nbytes].view(x.dtype).view(x.shape))
         return parts
 
@@ -110,13 +124,3 @@ class SealedTensorParallelGroup:
         dist.all_to_all_single(recv, send, splits, splits, group=self.group)
         return recv
 
-
-def _as_bytes(x: torch.Tensor, nbytes: int) -> torch.Tensor:
-    """x's bytes as a uint8 buffer padded to 16 bytes and 16-byte aligned, as the kernels need: a view when x's
-    size and address allow it, else a copy."""
-    flat = x.view(-1).view(torch.uint8)
-    if nbytes % 16 == 0 and flat.data_ptr() % 16 == 0:
-        return flat
-    padded = alloc_plain(nbytes, x.device)
-    padded[:nbytes].copy_(flat)
-    return padded

@@ -201,6 +201,7 @@ class LLMEngine:
             if sampled is not None:
                 fetch = self.runner.boundary.to_host
                 tokens = fetch(sampled.token_ids).tolist()
+                self.runner.tp.verify()     # sealed collectives: no message of this step failed (docs/tp.md)
                 logprobs = [_logprob_rows(sampled, len(seqs), fetch)] if sampled.logprobs is not None else None
         except Exception as exc:
             self._fail([seq for seq, _ in batch.items()], exc)
@@ -276,6 +277,7 @@ class LLMEngine:
         try:
             self._window = self._continuation(window)
             rows = window.token_rows()
+            self.runner.tp.verify()     # sealed collectives: no message of this window failed (docs/tp.md)
         except Exception as exc:
             self._fail(window.seqs, exc)
             raise

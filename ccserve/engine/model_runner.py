@@ -170,9 +170,8 @@ class ModelRunner:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graphs_replayed: set[int] = set()     # batch sizes whose graphs hold a request's data (see scrub_idle)
         self.ran_since_scrub = False
-        # Streamed weights need host work between layers, sealed collectives host-side IV counters and verdicts
-        # (docs/tp.md, phase 3): both run eagerly.
-        if self.device.type == "cuda" and not config.enforce_eager and self.weights is None and tp.capturable:
+        # Streamed weights need host work between layers: they run eagerly.
+        if self.device.type == "cuda" and not config.enforce_eager and self.weights is None:
             self._capture_decode_graphs()
 
     @property

@@ -16,6 +16,9 @@ Why the GPU path looks the way it does:
   persistent, so its 128 KiB of bit matrices are loaded into shared memory once per SM.
 - Decryption verifies before it decrypts (ghash -> finalize -> ctr); ctr writes zeros for chunks whose tag failed,
   so unauthenticated plaintext never reaches GPU memory.
+- The IV counter is `counter` plus an int64 the kernels read from device memory (`counter_at`; a zero by default).
+  A caller that keeps its counter on the device (sealed tensor-parallel links) can then capture the kernels in a
+  CUDA graph: each replay reads, and the caller advances, the current value instead of the one captured.
 Buffers handed to the kernels are uint8 tensors whose storage is padded to a multiple of 16 bytes (`alloc_*`).
 """
 from __future__ import annotations
@@ -287,6 +290,7 @@ class DeviceKey:
         self._h = 0
         if self.backend == "triton":
             self._build_tables(bytes(key))
+            self.zero_counter = torch.zeros(1, dtype=torch.int64, device=self.device)  # counter_at when none given
 
     def _build_tables(self, key: bytes) -> None:
         round_keys = expand_key(key)
@@ -612,7 +616,7 @@ def _xor_column(src, dst, word, limit, ks, ok, c: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["nbytes", "lane", "counter"])
-def _ctr_kernel(src, dst, ok_ptr, rk_ptr, nbytes, chunk_bytes, src_stride, dst_stride, lane, counter,
+def _ctr_kernel(src, dst, ok_ptr, rk_ptr, ctr_ptr, nbytes, chunk_bytes, src_stride, dst_stride, lane, counter,
                 TILE: tl.constexpr, GATE: tl.constexpr):
     """src/dst: uint32 views; strides are chunk strides in words. Program = TILE lanes of one chunk."""
     pid = tl.program_id(0)
@@ -620,7 +624,7 @@ def _ctr_kernel(src, dst, ok_ptr, rk_ptr, nbytes, chunk_bytes, src_stride, dst_s
     chunk = pid // tiles
     lanes = (pid % tiles) * TILE + tl.arange(0, TILE)
     chunk_len = tl.minimum(chunk_bytes, nbytes - chunk.to(tl.int64) * chunk_bytes).to(tl.int32)
-    ctr = counter.to(tl.int64) + chunk
+    ctr = tl.load(ctr_ptr) + counter.to(tl.int64) + chunk
     iv0 = _bswap(lane.to(tl.uint32))
     iv1 = _bswap((ctr >> 32).to(tl.uint32))
     iv2 = _bswap((ctr & 0xFFFFFFFF).to(tl.uint32))
@@ -784,7 +788,7 @@ def _tag_word(wire_at, tag, ok, w: tl.constexpr, mask, DECRYPT: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["nbytes", "nchunks", "lane", "counter", "mp_blocks", "npart", "seg_blocks"])
-def _finalize_kernel(part_ptr, pow_ptr, wire, ok_ptr, te_ptr, sb_ptr, rk_ptr, nbytes, chunk_bytes, wire_stride,
+def _finalize_kernel(part_ptr, pow_ptr, wire, ok_ptr, te_ptr, sb_ptr, rk_ptr, ctr_ptr, nbytes, chunk_bytes, wire_stride,
                      nchunks, lane, counter, mp_blocks, npart, seg_blocks,
                      CPP: tl.constexpr, PB: tl.constexpr, DECRYPT: tl.constexpr, ROWS: tl.constexpr,
                      ROW_BLOCKS: tl.constexpr):
@@ -813,7 +817,7 @@ def _finalize_kernel(part_ptr, pow_ptr, wire, ok_ptr, te_ptr, sb_ptr, rk_ptr, nb
     zero = tl.zeros([CPP], dtype=tl.uint32)
     h = (tl.load(pow_ptr + 4), tl.load(pow_ptr + 5), tl.load(pow_ptr + 6), tl.load(pow_ptr + 7))
     lh = _gf_mul_words((zero, zero, (bitlen >> 32).to(tl.uint32), (bitlen & 0xFFFFFFFF).to(tl.uint32)), h)
-    ctr = counter.to(tl.int64) + cid
+    ctr = tl.load(ctr_ptr) + counter.to(tl.int64) + cid
     j0 = (zero + _bswap(lane.to(tl.uint32)), _bswap((ctr >> 32).to(tl.uint32)),
           _bswap((ctr & 0xFFFFFFFF).to(tl.uint32)), zero + 0x01000000)
     ej0 = _aes_block(j0, te_ptr, sb_ptr, rk_ptr)
@@ -858,24 +862,24 @@ def _ghash(dk: DeviceKey, wire: torch.Tensor, nbytes: int, chunk_bytes: int):
 
 
 def _finalize(dk: DeviceKey, wire: torch.Tensor, ok: torch.Tensor, ghash, nbytes: int, chunk_bytes: int, lane: int,
-              counter: int, decrypt: bool) -> None:
+              counter: int, counter_at: torch.Tensor, decrypt: bool) -> None:
     part, mp, npart, seg_blocks = ghash
     nch = num_chunks(nbytes, chunk_bytes)
     cpp = FIN_CHUNKS          # fixed (short messages mask lanes): one compiled kernel for every size
     _finalize_kernel[(triton.cdiv(nch, cpp),)](
-        part, dk.powers(mp + 1), wire, ok, dk.table("te"), dk.table("sbox"), dk.table("rk"), nbytes, chunk_bytes,
-        chunk_bytes + TAG_BYTES, nch, lane, counter, mp, npart, seg_blocks, CPP=cpp, PB=FIN_ELEMS // cpp,
+        part, dk.powers(mp + 1), wire, ok, dk.table("te"), dk.table("sbox"), dk.table("rk"), counter_at, nbytes,
+        chunk_bytes, chunk_bytes + TAG_BYTES, nch, lane, counter, mp, npart, seg_blocks, CPP=cpp, PB=FIN_ELEMS // cpp,
         DECRYPT=decrypt, ROWS=GH_ROWS, ROW_BLOCKS=GH_ROW_BLOCKS, num_warps=4)
 
 
 def _ctr(dk: DeviceKey, src: torch.Tensor, dst: torch.Tensor, ok: torch.Tensor, nbytes: int, chunk_bytes: int,
-         src_stride: int, dst_stride: int, lane: int, counter: int, gate: bool) -> None:
+         src_stride: int, dst_stride: int, lane: int, counter: int, counter_at: torch.Tensor, gate: bool) -> None:
     tile = min(CTR_TILE, chunk_bytes // LANE_BYTES)
     per_tile = tile * LANE_BYTES
     nch = num_chunks(nbytes, chunk_bytes)
     grid = (nch - 1) * (chunk_bytes // per_tile) + triton.cdiv(nbytes - (nch - 1) * chunk_bytes, per_tile)
-    _ctr_kernel[(grid,)](src.view(torch.uint32), dst.view(torch.uint32), ok, dk.table("rk_bs"), nbytes, chunk_bytes,
-                         src_stride // 4, dst_stride // 4, lane, counter, TILE=tile, GATE=gate,
+    _ctr_kernel[(grid,)](src.view(torch.uint32), dst.view(torch.uint32), ok, dk.table("rk_bs"), counter_at, nbytes,
+                         chunk_bytes, src_stride // 4, dst_stride // 4, lane, counter, TILE=tile, GATE=gate,
                          num_warps=max(1, min(CTR_WARPS, tile // 32)))
 
 
@@ -890,27 +894,37 @@ def _check(plain: torch.Tensor, wire: torch.Tensor, nbytes: int, chunk_bytes: in
 
 
 def gcm_encrypt(dk: DeviceKey, plain: torch.Tensor, wire: torch.Tensor, nbytes: int, chunk_bytes: int, lane: int,
-                counter: int) -> None:
-    """Encrypt the first nbytes of `plain` into `wire` (ciphertext and tags), chunk i under IV (lane, counter + i)."""
+                counter: int, counter_at: torch.Tensor | None = None) -> None:
+    """Encrypt the first nbytes of `plain` into `wire` (ciphertext and tags), chunk i under IV (lane, c + i), where
+    c = counter + the int64 in `counter_at` (a one-element tensor on the key's device; default 0)."""
     _check(plain, wire, nbytes, chunk_bytes)
     if dk.backend == "ref":
-        seal_chunks(dk.aead, plain.numpy(), wire.numpy(), nbytes, chunk_bytes, lane, counter,
+        seal_chunks(dk.aead, plain.numpy(), wire.numpy(), nbytes, chunk_bytes, lane, _host_counter(counter, counter_at),
                     range(num_chunks(nbytes, chunk_bytes)))
         return
+    at = dk.zero_counter if counter_at is None else counter_at
     none = torch.empty(1, dtype=torch.int32, device=plain.device)
-    _ctr(dk, plain, wire, none, nbytes, chunk_bytes, chunk_bytes, chunk_bytes + TAG_BYTES, lane, counter, False)
-    _finalize(dk, wire, none, _ghash(dk, wire, nbytes, chunk_bytes), nbytes, chunk_bytes, lane, counter, False)
+    _ctr(dk, plain, wire, none, nbytes, chunk_bytes, chunk_bytes, chunk_bytes + TAG_BYTES, lane, counter, at, False)
+    _finalize(dk, wire, none, _ghash(dk, wire, nbytes, chunk_bytes), nbytes, chunk_bytes, lane, counter, at, False)
 
 
 def gcm_decrypt(dk: DeviceKey, wire: torch.Tensor, plain: torch.Tensor, nbytes: int, chunk_bytes: int, lane: int,
-                counter: int) -> torch.Tensor:
-    """Verify and decrypt `wire` into `plain`; returns int32 ok flags per chunk. Failed chunks decrypt to zeros."""
+                counter: int, counter_at: torch.Tensor | None = None) -> torch.Tensor:
+    """Verify and decrypt `wire` into `plain`; returns int32 ok flags per chunk. Failed chunks decrypt to zeros.
+    The IVs are those gcm_encrypt would use with the same counter and counter_at."""
     _check(plain, wire, nbytes, chunk_bytes)
     nch = num_chunks(nbytes, chunk_bytes)
     if dk.backend == "ref":
-        ok = open_chunks(dk.aead, wire.numpy(), plain.numpy(), nbytes, chunk_bytes, lane, counter, range(nch))
+        ok = open_chunks(dk.aead, wire.numpy(), plain.numpy(), nbytes, chunk_bytes, lane,
+                         _host_counter(counter, counter_at), range(nch))
         return torch.tensor(ok, dtype=torch.int32)
+    at = dk.zero_counter if counter_at is None else counter_at
     ok = torch.empty(nch, dtype=torch.int32, device=wire.device)
-    _finalize(dk, wire, ok, _ghash(dk, wire, nbytes, chunk_bytes), nbytes, chunk_bytes, lane, counter, True)
-    _ctr(dk, wire, plain, ok, nbytes, chunk_bytes, chunk_bytes + TAG_BYTES, chunk_bytes, lane, counter, True)
+    _finalize(dk, wire, ok, _ghash(dk, wire, nbytes, chunk_bytes), nbytes, chunk_bytes, lane, counter, at, True)
+    _ctr(dk, wire, plain, ok, nbytes, chunk_bytes, chunk_bytes + TAG_BYTES, chunk_bytes, lane, counter, at, True)
     return ok
+
+
+def _host_counter(counter: int, counter_at: torch.Tensor | None) -> int:
+    """The reference path's counter: it runs on the host, where reading counter_at costs nothing."""
+    return counter if counter_at is None else counter + int(counter_at.item())

@@ -1,6 +1,11 @@
 """Sealed links between the ranks of a tensor-parallel group: per-link keys from an X25519 exchange, and one IV
 counter per directed link that both ends advance in lock-step.
 
+The counters live in device memory and advance on the device after each message: the kernels read them when they
+run, so a CUDA graph that captured a collective uses fresh IVs on every replay (a counter passed at launch would be
+frozen into the graph and repeat). Both ends run the same sequence of collectives, eager or replayed, so they stay
+in lock-step.
+
 On an H100 in confidential-computing mode, data moving between GPUs passes through memory the host can read and
 write, so every activation a collective carries is AES-256-GCM sealed by the sending GPU and verified by the
 receiving one (the kernels of `ccserve.kernels.aes_gcm`; OpenSSL on CPU tensors). This module is the recipe: its
@@ -31,7 +36,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ccserve.kernels.aes_gcm import DeviceKey, gcm_decrypt, gcm_encrypt, num_chunks, wire_bytes
 from ccserve.secure.errors import ChannelClosed
-from ccserve.secure.iv import IVCursor, IVSequence, Lane
+from ccserve.secure.iv import Lane
 from ccserve.secure.keys import KEY_BYTES
 
 PUBLIC_BYTES = 32
@@ -66,7 +71,7 @@ class LinkKeyAgreement:
             send[peer] = _link_key(shared, salt, rank, peer, device, backend)
             recv[peer] = _link_key(shared, salt, peer, rank, device, backend)
         self._private = None
-        return SealedLinks(send, recv, chunk_bytes)
+        return SealedLinks(send, recv, chunk_bytes, device)
 
 
 def _link_key(shared: bytes, salt: bytes, sender: int, receiver: int, device: torch.device,
@@ -84,13 +89,16 @@ def _link_key(shared: bytes, salt: bytes, sender: int, receiver: int, device: to
 class SealedLinks:
     """Seal to and open from each peer: one key and one IV counter per direction of every link.
 
-    The sender takes counters from its IVSequence; the receiver decrypts with its own IVCursor's next counters and
-    never reads an IV from the wire, so a replayed, reordered or dropped message fails its tag."""
+    The sender seals under its send counter for that peer; the receiver decrypts under its own receive counter and
+    never reads an IV from the wire, so a replayed, reordered or dropped message fails its tag. Each counter is an
+    int64 on the device, advanced by the message's chunk count right after the message's kernels (64 bits of
+    counter: no wrap in any lifetime)."""
 
-    def __init__(self, send: dict[int, DeviceKey], recv: dict[int, DeviceKey], chunk_bytes: int) -> None:
+    def __init__(self, send: dict[int, DeviceKey], recv: dict[int, DeviceKey], chunk_bytes: int,
+                 device: torch.device) -> None:
         self._send_keys, self._recv_keys = send, recv
-        self._send_ivs = {peer: IVSequence(Lane.TP_LINK) for peer in send}
-        self._recv_ivs = {peer: IVCursor(Lane.TP_LINK) for peer in recv}
+        self._send_at = {peer: torch.zeros(1, dtype=torch.int64, device=device) for peer in send}
+        self._recv_at = {peer: torch.zeros(1, dtype=torch.int64, device=device) for peer in recv}
         self.chunk_bytes = chunk_bytes
 
     def wire_width(self, nbytes: int) -> int:
@@ -100,15 +108,18 @@ class SealedLinks:
     def seal(self, peer: int, plain: torch.Tensor, nbytes: int, wire: torch.Tensor) -> None:
         """Encrypt the first nbytes of `plain` (uint8) into `wire` for `peer`."""
         key = self._key(self._send_keys, peer)
-        counter = self._send_ivs[peer].take(num_chunks(nbytes, self.chunk_bytes))
-        gcm_encrypt(key, plain, wire, nbytes, self.chunk_bytes, Lane.TP_LINK, counter)
+        at = self._send_at[peer]
+        gcm_encrypt(key, plain, wire, nbytes, self.chunk_bytes, Lane.TP_LINK, 0, counter_at=at)
+        at.add_(num_chunks(nbytes, self.chunk_bytes))
 
     def open(self, peer: int, wire: torch.Tensor, plain: torch.Tensor, nbytes: int) -> torch.Tensor:
         """Verify and decrypt `peer`'s next message into `plain`; returns int32 ok flags per chunk (a failed chunk
         decrypts to zeros). The counters are consumed even when it fails."""
         key = self._key(self._recv_keys, peer)
-        counter = self._recv_ivs[peer].accept(num_chunks(nbytes, self.chunk_bytes))
-        return gcm_decrypt(key, wire, plain, nbytes, self.chunk_bytes, Lane.TP_LINK, counter)
+        at = self._recv_at[peer]
+        ok = gcm_decrypt(key, wire, plain, nbytes, self.chunk_bytes, Lane.TP_LINK, 0, counter_at=at)
+        at.add_(num_chunks(nbytes, self.chunk_bytes))
+        return ok
 
     def close(self) -> None:
         """Zeroize every link key (GPU tables, CPU cipher contexts dropped). Idempotent."""

@@ -1,5 +1,6 @@
 """Sealed collectives on gloo with real processes: they compute what the plain ones compute, and a message that an
-attacker on the link flips or replays fails authentication on the rank that receives it."""
+attacker on the link flips or replays fails authentication on the rank that receives it: what it carried is never
+used (zeros instead), the rank's verify() raises, and the failure reaches the other rank with the next collective."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,16 +46,26 @@ def _results(tp, sealed) -> dict:
     return results
 
 
-def _attacked(sealed) -> list:
-    """Two all-reduces: their first element, or the error that ended them."""
+def _verdict(sealed) -> str:
+    try:
+        sealed.verify()
+        return "ok"
+    except IntegrityError as exc:
+        return str(exc)
+
+
+def _attacked(sealed) -> dict:
+    """Three all-reduces of 1600 bytes (chunks of 256: element 64 is in the second chunk): the first and 64th
+    element of each sum, and the verdicts: rank 0's after the second and the third, rank 1's after the third (a
+    failed verify closes the group)."""
     x = torch.full((4, 100), float(sealed.rank + 1))
-    outcome = []
-    for _ in range(2):
-        try:
-            outcome.append(float(sealed.all_reduce(x.clone())[0, 0]))
-        except IntegrityError as exc:
-            outcome.append(str(exc))
-    return outcome
+    sums, verdicts = [], []
+    for i in range(3):
+        got = sealed.all_reduce(x.clone())
+        sums.append((float(got[0, 0]), float(got[0, 64])))
+        if i == 2 or (i == 1 and sealed.rank == 0):
+            verdicts.append(_verdict(sealed))
+    return dict(sums=sums, verdicts=verdicts)
 
 
 def _worker(rank: int, size: int, init_method: str, out_dir: str) -> None:
@@ -95,7 +106,13 @@ def test_two_ranks_equal_gloo_bit_for_bit_and_reject_a_flipped_or_replayed_messa
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     check_equal(ranks, exact=True)          # two addends: gloo adds them as we do
     for attack in ("flip", "replay"):
-        assert ranks[0][attack] == [3.0, 3.0]      # rank 0's incoming link was untouched
-        first, second = ranks[1][attack]
-        assert first == 3.0
-        assert "from rank 0 to rank 1 failed authentication" in second
+        rank0, rank1 = ranks[0][attack], ranks[1][attack]
+        assert rank0["sums"] == [(3.0, 3.0)] * 3          # rank 0's incoming link was untouched
+        assert rank1["sums"][0] == (3.0, 3.0)
+        # flip: the second chunk failed, so rank 1 added zeros for it, never the altered plaintext; replay: every
+        # chunk failed (the receiver's counters moved on). Rank 0's message of the third sum was whole.
+        assert rank1["sums"][1] == ((3.0 if attack == "flip" else 2.0), 2.0)
+        assert rank1["sums"][2] == (3.0, 3.0)
+        assert "failed authentication" in rank1["verdicts"][0]
+        # Rank 0 learns of it from rank 1's next message: clean after the second sum, failed after the third.
+        assert rank0["verdicts"][0] == "ok" and "failed authentication" in rank0["verdicts"][1]

@@ -117,6 +117,27 @@ def test_triton_bit_exact_with_openssl(nbytes, chunk, counter):
     assert ok.all() and bytes(out[:nbytes].tolist()) == data
 
 
+@pytest.mark.parametrize("backend", ["triton", "ref"])
+def test_counter_held_in_device_memory_adds_to_the_counter_argument(backend):
+    """counter_at (what graph-captured sealed links use): IVs are counter + its value, bit-exact with OpenSSL, and a
+    wrong value fails the tags."""
+    key, nbytes, chunk = os.urandom(32), 3000, 1024
+    data = os.urandom(nbytes)
+    plain, wire = _buffers(data, chunk)
+    at = torch.tensor([(1 << 33) + 4], dtype=torch.int64)
+    g.gcm_encrypt(g.DeviceKey(key, "cpu", backend=backend), plain, wire, nbytes, chunk, 7, 3, counter_at=at)
+    ref = g.alloc_wire(nbytes, chunk, "cpu").zero_()
+    g.seal_chunks(AESGCM(key), plain.numpy(), ref.numpy(), nbytes, chunk, 7, (1 << 33) + 7, range(3))
+    size = g.wire_bytes(nbytes, chunk)
+    assert torch.equal(wire[:size], ref[:size])
+    out = g.alloc_plain(nbytes, "cpu")
+    dk = g.DeviceKey(key, "cpu", backend=backend)
+    assert g.gcm_decrypt(dk, ref, out, nbytes, chunk, 7, 0, counter_at=at + 3).all()
+    assert bytes(out[:nbytes].tolist()) == data
+    ok = g.gcm_decrypt(dk, ref, out, nbytes, chunk, 7, 0, counter_at=at + 4)
+    assert not ok.any() and not out[:nbytes].any()
+
+
 def test_ghash_across_tiles_and_segments(monkeypatch):
     """Force several tiles per GHASH program (Horner steps) and several segments per chunk."""
     monkeypatch.setattr(g, "MIN_SEGMENTS", 2)
