@@ -6,7 +6,7 @@ MAX_NUM_SEQS, MAX_BATCHED, SKIP_CHECK=1, SKIP_BATCH1=1, AB=1 (each workload also
 windows, runs interleaved on the same GPU: an A/B that machine-to-machine spread cannot blur), SCRUB_AB=1 (each
 workload also with KV scrubbing replaced by a no-op, interleaved: what scrubbing costs), TP (tensor-parallel
 size: that many visible GPUs, the tiny-model check included), CC_MODE (off/naive/pipelined, default off), KV_FORMAT
-(a KV preset such as fp8 or K8V8; default bf16).
+(a KV preset such as fp8 or K8V8; default bf16), TP_ALL_REDUCE (nccl or peer, default nccl).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from ccserve.bench.throughput import commit, machine, run_workload  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent / "models" / os.environ.get("MODEL", "llama3-8b")
 TP = int(os.environ.get("TP", 1))
+TP_ALL_REDUCE = os.environ.get("TP_ALL_REDUCE", "nccl")
 CC = os.environ.get("CC_MODE", "off")
 # vLLM 0.24.0 output tok/s from ../shared/peers/RESULTS.md, by (GPU, model, TP size).
 PEERS = {("H100", "llama3-8b", 1): {"A-mixed": 8597, "B-pressure": 9479, "C-decode": 7036},
@@ -51,7 +52,7 @@ def check_against_hf() -> dict:
             path = make_tiny_model_dir(Path(tmp) / family, family)
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
             llm = LLM(str(path), dtype="float32", max_model_len=256, gpu_memory_utilization=0.3, num_gpu_blocks=256,
-                      tensor_parallel_size=TP, cc=CC)
+                      tensor_parallel_size=TP, cc=CC, tp_all_reduce=TP_ALL_REDUCE)
             prompts = [[5 + i, 17, 42 + i, 99, 3] * (i + 1) for i in range(4)]
             outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
             same = 0
@@ -104,7 +105,8 @@ def main() -> None:
     result["copy_gbps"] = round(copy_bandwidth(), 1)
     kwargs = dict(load_format="dummy", dtype="bfloat16", max_model_len=4096, gpu_memory_utilization=0.9,
                   max_num_seqs=int(os.environ.get("MAX_NUM_SEQS", 256)),
-                  max_num_batched_tokens=int(os.environ.get("MAX_BATCHED", 8192)), tensor_parallel_size=TP, cc=CC)
+                  max_num_batched_tokens=int(os.environ.get("MAX_BATCHED", 8192)), tensor_parallel_size=TP, cc=CC,
+                  tp_all_reduce=TP_ALL_REDUCE)
     kv_format = os.environ.get("KV_FORMAT", "bf16")
     if kv_format != "bf16":
         kwargs["kv_format"] = kv_format
@@ -133,8 +135,9 @@ def main() -> None:
         print(name, r, flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     llm.close()
-    suffix = "".join(f"-{part}" for part, on in ((f"tp{TP}", TP > 1), (CC, CC != "off"), (kv_format, kv_format != "bf16"))
-                     if on)
+    parts = ((f"tp{TP}", TP > 1), (TP_ALL_REDUCE, TP_ALL_REDUCE != "nccl"), (CC, CC != "off"),
+             (kv_format, kv_format != "bf16"))
+    suffix = "".join(f"-{part}" for part, on in parts if on)
     (out_dir / f"gpu_engine-{MODEL.name}{suffix}.json").write_text(json.dumps(result, indent=1))
     print("\n| what | value |\n|---|---|")
     print(f"| copy GB/s | {result['copy_gbps']} |")

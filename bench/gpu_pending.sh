@@ -13,6 +13,8 @@
 #   tp70     issue 10 (2 GPUs): Llama-3-70B engine at TP=2
 #   tpmodel  issue 10 (2 GPUs): model-level decode/prefill times at TP=1/2, NCCL vs sealed collectives
 #   tpcc     issue 10 (2 GPUs): sealed collectives captured in graphs: model level at TP=2, then the engine rows
+#   tppeer   issue 10 (2 GPUs): the one-shot all-reduce over peer memory: model level at TP=2 (NCCL beside it),
+#            then the engine rows
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -49,6 +51,9 @@ for s in ${STAGES:-cc weights kv lora swap}; do
         tpmodel) stage tpmodel 240 env CC_MODES=off,pipelined python3 bench/gpu_tp.py ;;
         tpcc) stage tpcc-model 200 env CC_MODES=off,pipelined SIZES=2 python3 bench/gpu_tp.py
               stage tpcc-engine 200 env TP=2 CC_MODE=pipelined SKIP_BATCH1=1 python3 bench/gpu_engine.py A-mixed C-decode ;;
+        tppeer) stage tppeer-model 200 env SIZES=2 ALL_REDUCES=nccl,peer python3 bench/gpu_tp.py
+                stage tppeer-engine 200 env TP=2 TP_ALL_REDUCE=peer SKIP_BATCH1=1 \
+                    python3 bench/gpu_engine.py A-mixed C-decode ;;
         *) echo "unknown stage $s" ;;
     esac
 done

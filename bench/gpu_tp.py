@@ -12,7 +12,8 @@ same size's "off" graph decode (what a user sees), "cc_cost_vs_off_eager" the ea
 Usage (on the GPU machine, repository root): python bench/gpu_tp.py
 Env: MODEL (bench/models/<name>, default llama3-8b), SIZES (default "1,2"), BATCHES (default "1,64,256"),
 CONTEXT (1024), PREFILL (8192), CC_MODES (default "off"; e.g. "off,pipelined"; not CC, which Triton reads as the C
-compiler), OUT (directory for the JSON), CCSERVE_COMMIT; CPU_SMOKE=1 runs the same code on
+compiler), ALL_REDUCES (default "nccl"; "nccl,peer" also times sizes > 1 with the one-shot all-reduce over peer
+memory, off mode only), OUT (directory for the JSON), CCSERVE_COMMIT; CPU_SMOKE=1 runs the same code on
 the CPU with gloo and a tiny model (checks the script itself, times nothing of interest).
 """
 from __future__ import annotations
@@ -115,15 +116,16 @@ def check_tiny(tp, device: torch.device, tiny_dir: str) -> float:
 
 
 @torch.inference_mode()
-def rank_main(rank: int, size: int, init_method: str, model_dir: str, tiny_dir: str, out: str, cc: str) -> None:
+def rank_main(rank: int, size: int, init_method: str, model_dir: str, tiny_dir: str, out: str, cc: str,
+              all_reduce: str) -> None:
     device = device_for_rank(rank, size, DEVICE_TYPE)
-    tp = init_tensor_parallel(rank, size, init_method, device)
+    tp = init_tensor_parallel(rank, size, init_method, device, all_reduce)
     if cc != "off":
         tp = SealedTensorParallelGroup(tp, device)
     graphs: list[torch.cuda.CUDAGraph] = []   # destroyed before the group: NCCL waits for them otherwise
     step = None
     try:
-        result = dict(size=size, cc=cc, tiny_max_abs_diff=check_tiny(tp, device, tiny_dir), decode_ms={},
+        result = dict(size=size, cc=cc, all_reduce=all_reduce, tiny_max_abs_diff=check_tiny(tp, device, tiny_dir), decode_ms={},
                       decode_eager_ms={})
         dtype = "float32" if SMOKE else "bfloat16"
         model, hf = load_model(EngineConfig(model=model_dir, load_format="dummy", dtype=dtype, device=DEVICE_TYPE),
@@ -150,7 +152,7 @@ def rank_main(rank: int, size: int, init_method: str, model_dir: str, tiny_dir: 
         result["prefill_ms"] = timed_ms(lambda: model(ids, pos, meta), 5)
         tp.verify()     # sealed: no message failed authentication along the way
         if rank == 0:
-            Path(out, f"size{size}-{cc}.json").write_text(json.dumps(result))
+            Path(out, f"size{size}-{cc}-{all_reduce}.json").write_text(json.dumps(result))
     finally:
         step = None
         graphs.clear()
@@ -167,13 +169,17 @@ def main() -> None:
                                            os.environ.get("MODEL", "llama3-8b"))
         results = []
         modes = os.environ.get("CC_MODES", "off").split(",")
+        runs = []
         for size in _ints("SIZES", "1,2"):
-            for cc in modes if size > 1 else ["off"]:     # size 1 has no collective to seal
-                spawn(rank_main, size, model_dir, tiny, tmp, cc)
-                results.append(json.loads(Path(tmp, f"size{size}-{cc}.json").read_text()))
-                print(results[-1], flush=True)
+            runs += [(size, cc, "nccl") for cc in (modes if size > 1 else ["off"])]   # size 1: nothing to seal
+            if size == 2 and "peer" in os.environ.get("ALL_REDUCES", "nccl").split(","):
+                runs.append((size, "off", "peer"))
+        for size, cc, all_reduce in runs:
+            spawn(rank_main, size, model_dir, tiny, tmp, cc, all_reduce)
+            results.append(json.loads(Path(tmp, f"size{size}-{cc}-{all_reduce}.json").read_text()))
+            print(results[-1], flush=True)
     base = results[0]
-    plain = {r["size"]: r for r in results if r["cc"] == "off"}
+    plain = {r["size"]: r for r in results if r["cc"] == "off" and r["all_reduce"] == "nccl"}
     for r in results:
         r["decode_speedup_vs_first"] = {b: base["decode_ms"][b] / ms for b, ms in r["decode_ms"].items()}
         if r["cc"] != "off" and r["size"] in plain:

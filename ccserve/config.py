@@ -14,6 +14,7 @@ PRIVACY_POLICIES = ("pcc", "open")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 CC_MODES = ("off", "naive", "pipelined")
 PREEMPTION_MODES = ("recompute", "swap", "auto")
+TP_ALL_REDUCES = ("nccl", "peer")
 
 
 @dataclass
@@ -44,6 +45,8 @@ class EngineConfig:
     tensor_parallel_size N > 1 runs the model as a group of N processes, one per visible GPU (docs/tp.md): this
     process is rank 0 and drives the others; with --cc the collectives between them carry only AES-GCM sealed
     payloads (per-link keys), and KV swap stays off (preemption recomputes) until each rank swaps its slice.
+    tp_all_reduce "peer" sends the small all-reduces of decode steps through a one-shot all-reduce over peer GPU
+    memory (PyTorch symmetric memory; 2 GPUs, --cc off) instead of NCCL's (distributed/peer_reduce.py).
     lora_adapters maps adapter names (what a request's `model` field selects) to PEFT LoRA directories, read at
     start (docs/lora.md); max_lora_rank is the largest rank accepted, max_loras the GPU adapter cache's slots and
     so the most distinct adapters one batch holds.
@@ -82,6 +85,7 @@ class EngineConfig:
     swap_threshold_tokens: int = 256
     gpu_weight_budget_gb: float | None = None
     tensor_parallel_size: int = 1
+    tp_all_reduce: str = "nccl"
     lora_adapters: dict[str, str] = field(default_factory=dict)
     max_lora_rank: int = 64
     max_loras: int = 4
@@ -189,6 +193,12 @@ class EngineConfig:
         size = self.tensor_parallel_size
         if size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1 (--tensor-parallel-size), got {size}")
+        if self.tp_all_reduce not in TP_ALL_REDUCES:
+            raise ValueError(f"tp_all_reduce must be one of {', '.join(TP_ALL_REDUCES)} (--tp-all-reduce), got "
+                             f"{self.tp_all_reduce!r}")
+        if self.tp_all_reduce == "peer" and (size != 2 or self.cc != "off" or self.torch_device.type != "cuda"):
+            raise ValueError("--tp-all-reduce peer runs on 2 GPUs (--tensor-parallel-size 2) with --cc off (under "
+                             "--cc every collective is sealed): use --tp-all-reduce nccl")
         if size == 1:
             return
         if self.preemption_mode == "swap":

@@ -13,15 +13,18 @@ import torch
 import torch.distributed as dist
 
 from ccserve.distributed.env import disable_multicast
+from ccserve.distributed.peer_reduce import PeerAllReduce
 
 
 @dataclass(frozen=True)
 class TensorParallelGroup:
-    """This process's place in a tensor-parallel group. group is None at size 1 (no communication)."""
+    """This process's place in a tensor-parallel group. group is None at size 1 (no communication). peer: the
+    one-shot all-reduce over peer memory for the messages it takes (--tp-all-reduce peer), else NCCL's."""
 
     rank: int
     size: int
     group: dist.ProcessGroup | None = None
+    peer: PeerAllReduce | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.size:
@@ -30,7 +33,9 @@ class TensorParallelGroup:
             raise ValueError("a tensor-parallel group of size > 1 needs a process group: use init_tensor_parallel")
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over the ranks, in place (NCCL all-reduce is capturable in a CUDA graph)."""
+        """Sum x over the ranks, in place (both ways are capturable in a CUDA graph)."""
+        if self.peer is not None and self.peer.fits(x):
+            return self.peer.all_reduce(x)
         dist.all_reduce(x, group=self.group)
         return x
 
@@ -60,10 +65,12 @@ class TensorParallelGroup:
 SINGLE = TensorParallelGroup(rank=0, size=1)
 
 
-def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.device) -> TensorParallelGroup:
+def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.device,
+                         all_reduce: str = "nccl") -> TensorParallelGroup:
     """Join a group of `size` processes (NCCL on CUDA, gloo on the CPU) through init_method (a "tcp://host:port"
     or "file://path" rendezvous that all ranks share). Size 1 joins nothing. The process's CUDA device must be
-    set first (device_for_rank), so that NCCL binds the right GPU."""
+    set first (device_for_rank), so that NCCL binds the right GPU. all_reduce "peer": small all-reduces go
+    through peer memory (distributed/peer_reduce.py; 2 ranks on CUDA)."""
     if size == 1:
         return SINGLE
     disable_multicast()
@@ -72,7 +79,8 @@ def init_tensor_parallel(rank: int, size: int, init_method: str, device: torch.d
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
                             device_id=device if device.type == "cuda" else None)
-    return TensorParallelGroup(rank, size, dist.group.WORLD)
+    peer = PeerAllReduce(dist.group.WORLD, device) if all_reduce == "peer" else None
+    return TensorParallelGroup(rank, size, dist.group.WORLD, peer)
 
 
 def destroy_tensor_parallel(tp: TensorParallelGroup) -> None:

@@ -60,7 +60,7 @@ def join_group(rank: int, size: int, init_method: str, config: EngineConfig
     """Join the group as `rank` (every rank, rank 0 included, joins through here): under --cc its collectives carry
     only sealed payloads between the GPUs (docs/tp.md, phase 3), and every rank agrees on the link keys now."""
     device = device_for_rank(rank, size, config.torch_device.type)
-    tp = init_tensor_parallel(rank, size, init_method, device)
+    tp = init_tensor_parallel(rank, size, init_method, device, config.tp_all_reduce)
     return SealedTensorParallelGroup(tp, device) if config.cc != "off" else tp
 
 

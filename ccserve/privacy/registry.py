@@ -181,7 +181,7 @@ FEATURES: tuple[Feature, ...] = (
             "replayed message fails the step and ends the group; docs/tp.md); with --cc off they cross in the "
             "clear, as every transfer does then; the worker processes live and die with the main process and "
             "scrub their slice of every freed KV block",
-            fields=("tensor_parallel_size",), enabled=lambda s: s.config.tensor_parallel_size > 1),
+            fields=("tensor_parallel_size", "tp_all_reduce"), enabled=lambda s: s.config.tensor_parallel_size > 1),
     Feature("LoRA adapters", "TV",
             "a per-user adapter is an identity to schedule or route by, and an adapter outside the measurement is "
             "code nobody verified",

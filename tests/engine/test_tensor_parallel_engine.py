@@ -154,6 +154,11 @@ def test_weight_estimate_counts_the_models_parameters(tiny_model_dir):
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be >= 1"),
     (dict(tensor_parallel_size=2, cc="naive", preemption_mode="swap"), "only rank 0's slice of the KV would move"),
     (dict(tensor_parallel_size=2, device="cuda:1"), "choose GPUs with CUDA_VISIBLE_DEVICES"),
+    (dict(tensor_parallel_size=2, tp_all_reduce="ring"), "tp_all_reduce must be one of nccl, peer"),
+    (dict(tensor_parallel_size=3, device="cuda", tp_all_reduce="peer"), "peer runs on 2 GPUs"),
+    (dict(tensor_parallel_size=2, device="cuda", cc="naive", tp_all_reduce="peer"), "every collective is sealed"),
+    (dict(tensor_parallel_size=2, device="cpu", tp_all_reduce="peer"), "use --tp-all-reduce nccl"),
+    (dict(tp_all_reduce="peer"), "--tensor-parallel-size 2"),
 ])
 def test_bad_settings_are_refused(tiny_model_dir, settings, match):
     with pytest.raises(ValueError, match=match):
