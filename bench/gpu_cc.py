@@ -41,20 +41,26 @@ def engine_kwargs(cc: str, **extra) -> dict:
 
 
 def channel_stats(llm: LLM) -> dict:
-    """What crossed the boundary and what it cost on the critical path (aggregates only)."""
+    """What crossed the boundary and what it cost on the critical path (aggregates only): the step channel's
+    counters, and the KV swap channel's under "swap"."""
     engine = llm.engine
-    channel = engine.runner.boundary.channel
     out = dict(preemptions=engine.scheduler.num_preemptions, swaps=engine.scheduler.num_swaps)
-    if channel is not None:
-        s = channel.stats
-        out.update(h2d_mb=round(s.h2d_bytes / 1e6, 1), d2h_mb=round(s.d2h_bytes / 1e6, 1),
-                   sealed_on_demand_mb=round(s.sealed_on_demand_bytes / 1e6, 1), seal_s=round(s.seal_s, 3))
-        if channel.pipeline is not None:
-            out["pipeline"] = {k: v for k, v in vars(channel.pipeline.stats).items()
-                               if isinstance(v, (int, float))}
+    if engine.runner.boundary.channel is not None:
+        out.update(_channel_counters(engine.runner.boundary.channel))
     if engine.swapper is not None:
-        out.update(swapped_out_mb=round(engine.swapper.swapped_out_bytes / 1e6, 1),
-                   swapped_in_mb=round(engine.swapper.swapped_in_bytes / 1e6, 1))
+        out["swap"] = dict(_channel_counters(engine.swapper.channel),
+                           swapped_out_mb=round(engine.swapper.swapped_out_bytes / 1e6, 1),
+                           swapped_in_mb=round(engine.swapper.swapped_in_bytes / 1e6, 1))
+    return out
+
+
+def _channel_counters(channel) -> dict:
+    s = channel.stats
+    out = dict(h2d_mb=round(s.h2d_bytes / 1e6, 1), d2h_mb=round(s.d2h_bytes / 1e6, 1),
+               sealed_on_demand_mb=round(s.sealed_on_demand_bytes / 1e6, 1), seal_s=round(s.seal_s, 3),
+               open_s=round(s.open_s, 3))
+    if channel.pipeline is not None:
+        out["pipeline"] = {k: v for k, v in vars(channel.pipeline.stats).items() if isinstance(v, (int, float))}
     return out
 
 

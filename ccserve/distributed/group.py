@@ -45,7 +45,10 @@ class TensorParallelGroup:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
-    def verify(self) -> None:
+    def checkpoint(self) -> None:
+        """Nothing to snapshot (see SealedTensorParallelGroup.checkpoint)."""
+
+    def verify(self, check: None = None) -> None:
         """Nothing to check: plain collectives carry no authentication (the sealed group's verify raises when a
         message failed)."""
 

@@ -19,6 +19,7 @@ device until verify(), so no collective waits for the host.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import reduce
 
 import torch
@@ -31,6 +32,15 @@ from ccserve.secure.links import OFFER_BYTES, LinkKeyAgreement, SealedLinks
 
 CHUNK_BYTES = 64 << 10      # one GCM message per 64 KiB: a decode step's all-reduce still spreads over the GPU
 TRAILER_BYTES = 16          # after the payload (padded to 16 bytes), inside the seal: the sender's failed flag
+
+
+@dataclass
+class LinksCheck:
+    """The failed flag as of some point in the stream: copied to the host without waiting, `event` marks when the
+    copy has landed (None on the CPU, where it is done at once)."""
+
+    host: torch.Tensor
+    event: torch.cuda.Event | None
 
 
 class SealedTensorParallelGroup:
@@ -73,14 +83,33 @@ class SealedTensorParallelGroup:
         """Delegated unsealed: a KV block count is sizing, not request data."""
         return self._plain.min_over_ranks(value, device)
 
-    def verify(self) -> None:
+    def checkpoint(self) -> LinksCheck:
+        """Snapshot the failed flag after the work enqueued so far, without waiting for it: verify(check) then
+        waits for that work only, not for work enqueued later (a decode window continued on the device)."""
+        cuda = self.device.type == "cuda"
+        host = torch.empty(1, dtype=torch.int32, pin_memory=cuda)
+        host.copy_(self.failed, non_blocking=True)
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return LinksCheck(host, event)
+
+    def verify(self, check: LinksCheck | None = None) -> None:
         """Raise IntegrityError if a message failed authentication on this rank, or on a rank whose messages have
-        reached this one since (waits for the device). The group is closed then: fail closed."""
-        if int(self.failed.item()):
+        reached this one since, as of `check` (default: now, waiting for all enqueued work). The group is closed
+        then: fail closed."""
+        if check is None:
+            failed = int(self.failed.item())
+        else:
+            if check.event is not None:
+                check.event.synchronize()
+            failed = int(check.host[0])
+        if failed:
             self.close()
             raise IntegrityError(f"a tensor-parallel message to rank {self.rank} or to a rank it heard from failed "
-                                 "authentication (tampered, replayed or reordered): nothing of it was used, the "
-                                 "results since the last check are discarded")
+                                 "authentication (tampered, replayed or reordered): zeros stood in for what it "
+                                 "carried, and the results computed since the last check are discarded")
 
     def close(self) -> None:
         """Zeroize the link keys; further collectives raise ChannelClosed."""

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ccserve.config import EngineConfig
-from ccserve.secure import Channel, FifoPredictor, PendingHost
+from ccserve.secure import Channel, PendingHost
 from ccserve.secure.totals import CryptoTotals
 
 STEP_KEY = ("step",)
@@ -31,8 +31,9 @@ class Boundary:
         return self.channel is not None
 
     def _new_channel(self) -> Channel:
-        """Fresh session keys and IV streams; the FIFO predictor learns swap-ins from the scheduler's hints."""
-        return Channel(self.device, mode=self.config.cc, threads=self.config.cc_threads, predictor=FifoPredictor())
+        """Fresh session keys and IV streams. Nothing to predict: step messages exist only when they are sent (KV
+        swap has a channel of its own, engine/swapper.py)."""
+        return Channel(self.device, mode=self.config.cc, threads=self.config.cc_threads)
 
     def reset_if_failed(self) -> None:
         """A channel that failed an integrity check stays closed (its lock-step IVs can no longer be trusted):
@@ -43,7 +44,7 @@ class Boundary:
             self.channel = self._new_channel()
 
     def totals(self) -> CryptoTotals:
-        """Crypto counters of this boundary (step messages, sampled tokens, KV swap) since the engine started."""
+        """Crypto counters of this boundary (step messages, sampled tokens) since the engine started."""
         totals = CryptoTotals()
         totals.add(self.retired)
         totals.add_channel(self.channel)

@@ -43,12 +43,15 @@ class LLMEngine:
                              "prefixes instead (--public-prefix-file, docs/privacy.md)")
         self.prefix_cache = build_prefix_cache(config.public_prefixes, self.tokenizer, self.runner, self.pool,
                                                config.block_size, config.max_num_batched_tokens)
+        # Sealed collectives ran already (profile, graph warm-up, public prefixes): a message tampered with at start
+        # fails the start, not the first request.
+        self.runner.tp.verify()
         if self.pool.num_free * config.block_size < self.max_model_len:
             raise ValueError(f"after the public prefixes' {self.prefix_cache.num_blocks} KV blocks the cache holds "
                              f"{self.pool.num_free * config.block_size} tokens, less than max_model_len "
                              f"{self.max_model_len}: declare fewer prefixes, lower max_model_len or give the cache "
                              "more memory")
-        self.swapper = (KVSwapper(self.runner.boundary, self.runner.kv_cache, config.cc_threads)
+        self.swapper = (KVSwapper(self.runner.kv_cache, config.cc, config.cc_threads, self.runner.device)
                         if config.swap_enabled else None)
         self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.swap_threshold, config.max_loras if config.lora_adapters else None)
@@ -125,9 +128,11 @@ class LLMEngine:
             crypto=self._crypto_totals())
 
     def _crypto_totals(self) -> CryptoTotals:
-        """Every channel the engine moves data through: steps, tokens and KV swap (the boundary), LoRA adapter
+        """Every channel the engine moves data through: steps and tokens (the boundary), KV swap, LoRA adapter
         loads, streamed weights."""
         totals = self.runner.boundary.totals()
+        if self.swapper is not None:
+            totals.add(self.swapper.totals())
         if self.runner.lora is not None:
             totals.add(self.runner.lora.totals())
         if self.runner.weights is not None:
@@ -167,6 +172,7 @@ class LLMEngine:
             return outputs
         except Exception as exc:
             reason = self.runner.peers.lost_reason() or f"tensor-parallel rank 0 failed ({type(exc).__name__})"
+            self.runner.drop_graphs()   # before the group goes (NCCL waits for graphs on its communicator)
             self.runner.peers.lose(reason)
             self._fail(list(self.requests.values()))
             raise WorkerExited(reason) from exc
@@ -174,6 +180,8 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         if self._window is not None:
             return self._finish_window(self._window)
+        if self.swapper is not None:
+            self._settle_swaps()
         batch = self.scheduler.schedule()
         if batch.swap_out:
             self._swap_out(batch)
@@ -222,17 +230,30 @@ class LLMEngine:
             except IntegrityError as exc:
                 self._fail([seq], exc)
 
+    def _settle_swaps(self, until: Sequence | None = None) -> bool:
+        """Store the swap-outs that reached the host (all up to `until`'s, waiting for them, when given); end the
+        requests whose KV did not arrive intact. Returns whether any request ended."""
+        failed = self.swapper.settle(until)
+        for seq, exc in failed:
+            self._fail([seq], exc)
+        self.swapper.reset_if_failed()
+        return bool(failed)
+
     def _swap_in(self, batch: ScheduledBatch) -> None:
         """Bring swapped requests' KV back; a request whose stored or transferred KV fails authentication ends
         (reason "error") and leaves the batch, the others run."""
-        failed = []
+        ended = False
         for seq, block_ids in batch.swap_in:
+            ended |= self._settle_swaps(until=seq)
+            if seq.finished:
+                continue
             try:
                 self.swapper.swap_in(seq, block_ids)
             except IntegrityError as exc:
-                failed.append(seq)
+                ended = True
                 self._fail([seq], exc)
-        if failed:
+                self.swapper.reset_if_failed()
+        if ended:
             batch.decodes = [s for s in batch.decodes if not s.finished]
             batch.prefills = [(s, n) for s, n in batch.prefills if not s.finished]
 
@@ -277,7 +298,7 @@ class LLMEngine:
         try:
             self._window = self._continuation(window)
             rows = window.token_rows()
-            self.runner.tp.verify()     # sealed collectives: no message of this window failed (docs/tp.md)
+            self.runner.tp.verify(window.links_check)   # sealed collectives: none of this window's failed
         except Exception as exc:
             self._fail(window.seqs, exc)
             raise

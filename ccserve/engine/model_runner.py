@@ -11,6 +11,7 @@ import torch
 from ccserve.config import EngineConfig
 from ccserve.distributed.env import device_for_rank
 from ccserve.distributed.group import SINGLE, TensorParallelGroup
+from ccserve.distributed.sealed import LinksCheck
 from ccserve.engine.boundary import Boundary
 from ccserve.engine.scheduler import ScheduledBatch
 from ccserve.engine.sequence import Sequence
@@ -48,6 +49,7 @@ class DecodeWindow:
     host_tokens: torch.Tensor | None    # [B, steps] int64, filled by the copy
     copied: torch.cuda.Event | None
     sealed: PendingHost | None = None   # cc mode: the tokens as one sealed message instead
+    links_check: LinksCheck | None = None   # sealed TP collectives: their failed flag as of this window's end
 
     @classmethod
     def start(cls, seqs: list[Sequence], outputs: list[SamplerOutput], last_positions: torch.Tensor,
@@ -222,7 +224,9 @@ class ModelRunner:
         self._send(("decodes", step, steps))
         tail = None if after is None else (after.last_ids, after.last_positions)
         outputs, positions = self.run_decodes(step, steps, tail, seqs, [s.params for s in seqs])
-        return DecodeWindow.start(seqs, outputs, positions, self.boundary)
+        window = DecodeWindow.start(seqs, outputs, positions, self.boundary)
+        window.links_check = self.tp.checkpoint()
+        return window
 
     @torch.inference_mode()
     def run_decodes(self, step: HostStep | HostContinuation, steps: int,

@@ -2,10 +2,19 @@
 ciphertext under that request's own key, until the scheduler brings the request back or it ends.
 
 Why per-request keys (secure/host_store.py): when a request ends its key is zeroized, so any copy of its swapped
-KV left in host memory (or a later disk spill) is noise: crypto-shredding, the stateless rule. Why one message:
+KV left in host memory (or a later disk spill) is noise: crypto-shredding, the stateless rule. Why a channel of its
+own (keys, IV lanes, CUDA streams): swap traffic is bulk and must not queue in front of a step's sampled tokens, and
+a swap message that fails authentication re-keys this channel only, ending just the requests whose KV was in it,
+never the step in flight. Why one message:
 all of a request's blocks (keys and values of every layer, with the scales and zero points of a quantized
 --kv-format, still compressed) are gathered on the device into one flat tensor, so a swap is one sealed
 transfer each way. Owners are numbered here; nothing of the request (id, content) reaches secure/.
+
+A swap-out does not wait for the GPU: the blocks are gathered into one tensor on the compute stream (so the
+caller may scrub and reuse them at once), sealed on the channel's D2H stream, and copied to pinned memory while
+the following steps compute. The engine calls `settle` every step: messages that have arrived are verified,
+decrypted and stored under the request's key, in the channel's order. A swap-in (or the end) of a request whose
+swap-out has not settled yet waits for it.
 
 In pipelined mode the engine tells the swapper which swapped requests the scheduler will bring back next
 (`prefetch`, in the scheduler's order); the swapper opens their ciphertext from the host store into private
@@ -16,46 +25,92 @@ never reusing one).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
-from ccserve.engine.boundary import Boundary
 from ccserve.engine.sequence import Sequence
 from ccserve.kv.cache import KVCache
-from ccserve.secure import Forget, HostStore, SwapOut, WorkerPool
+from ccserve.secure import (
+    Channel,
+    ChannelClosed,
+    FifoPredictor,
+    Forget,
+    HostStore,
+    IntegrityError,
+    PendingHost,
+    SwapOut,
+    WorkerPool,
+)
+from ccserve.secure.totals import CryptoTotals
 
 ITEM = "kv"
 
 
+@dataclass
+class Outgoing:
+    """A swap-out on its way to the host store."""
+
+    seq: Sequence
+    owner: int
+    message: PendingHost
+
+
 class KVSwapper:
-    def __init__(self, boundary: Boundary, cache: KVCache, threads: int) -> None:
-        self.boundary, self.cache = boundary, cache
+    def __init__(self, cache: KVCache, mode: str, threads: int, device: torch.device) -> None:
+        """mode: the channel's (naive or pipelined; swap needs --cc)."""
+        self.cache, self.mode, self.threads, self.device = cache, mode, threads, device
+        self.channel = self._new_channel()
+        self.retired = CryptoTotals()               # counters of channels closed by a re-key
         self.store = HostStore(WorkerPool(threads))
         self._owner: dict[int, int] = {}            # id(seq) -> owner number in the host store
         self._staged: dict[int, torch.Tensor] = {}  # id(seq) -> plaintext opened ahead (pipelined prefetch)
+        self._outgoing: dict[int, Outgoing] = {}    # id(seq) -> swap-out not yet stored, in the channel's order
         self._numbers = itertools.count()
         self.swapped_out_bytes = 0
         self.swapped_in_bytes = 0
 
     def swap_out(self, seq: Sequence, block_ids: list[int]) -> None:
-        """Move the blocks' contents to the host store (the caller frees and scrubs the blocks afterwards)."""
+        """Start moving the blocks' contents to the host store (the caller may free and scrub the blocks at once:
+        they were copied on the compute stream); `settle` stores them."""
         owner = self._owner.get(id(seq))
         if owner is None:
             owner = self._owner[id(seq)] = next(self._numbers)
             self.store.open(owner)
-        channel = self.boundary.channel
-        plain = channel.open_d2h(channel.seal_d2h(self.cache.gather(block_ids)))
-        self.store.put(owner, ITEM, plain)
-        plain.zero_()                                # the plaintext lived only between two decryptions
-        self.swapped_out_bytes += plain.nbytes
+        data = self.cache.gather(block_ids)
+        self._outgoing[id(seq)] = Outgoing(seq, owner, self.channel.to_host_async(data))
+        self.swapped_out_bytes += data.nbytes
+
+    def settle(self, until: Sequence | None = None) -> list[tuple[Sequence, IntegrityError]]:
+        """Store the swap-outs whose message has reached the host, oldest first; with `until`, wait for every
+        swap-out up to and including that request's. Returns the requests whose KV could not leave intact (the
+        message failed authentication, or its channel failed on an earlier one): they must end."""
+        if until is not None and id(until) not in self._outgoing:
+            return []
+        failed = []
+        while self._outgoing:
+            key, out = next(iter(self._outgoing.items()))
+            if until is None and not out.message.ready:
+                break
+            del self._outgoing[key]
+            try:
+                plain = out.message.result()
+            except (IntegrityError, ChannelClosed) as exc:
+                failed.append((out.seq, _as_integrity_error(exc)))
+            else:
+                self.store.put(out.owner, ITEM, plain)
+                plain.zero_()                        # the plaintext lived only between two decryptions
+            if out.seq is until:
+                break
+        return failed
 
     def prefetch(self, seqs: list[Sequence]) -> None:
         """These swapped requests come back next, in this order: seal them ahead (pipelined mode only)."""
-        channel = self.boundary.channel
+        channel = self.channel
         if channel.pipeline is None:
             return
         for seq in seqs:
-            if id(seq) in self._staged:
+            if id(seq) in self._staged or id(seq) in self._outgoing:     # (not stored yet: swap_in waits for it)
                 continue
             owner = self._owner[id(seq)]
             plain = self.store.get(owner, ITEM)
@@ -65,13 +120,15 @@ class KVSwapper:
 
     def swap_in(self, seq: Sequence, block_ids: list[int]) -> None:
         """Bring the request's blocks back into `block_ids` and drop its host copy (its key stays until it ends:
-        it may be swapped out again)."""
+        it may be swapped out again). Its swap-out must have settled."""
+        if id(seq) in self._outgoing:
+            raise RuntimeError("swap_in before the request's swap-out settled: call settle(until=seq) first")
         owner = self._owner[id(seq)]
         plain = self._staged.pop(id(seq), None)
         if plain is None:
             plain = self.store.get(owner, ITEM)
         try:
-            data = self.boundary.channel.to_device(plain, key=(ITEM, owner))
+            data = self.channel.to_device(plain, key=(ITEM, owner))
             self.cache.scatter(block_ids, data)
         finally:
             plain.zero_()
@@ -83,12 +140,45 @@ class KVSwapper:
         owner = self._owner.pop(id(seq), None)
         if owner is None:
             return
+        out = self._outgoing.pop(id(seq), None)
+        if out is not None:     # its message still takes its place in the channel's order: open it and drop it
+            try:
+                out.message.result().zero_()
+            except (IntegrityError, ChannelClosed):
+                pass
         plain = self._staged.pop(id(seq), None)
         if plain is not None:
-            if self.boundary.channel is not None and not self.boundary.channel.failed:
-                self.boundary.channel.hint(Forget((ITEM, owner)))
+            if not self.channel.failed:
+                self.channel.hint(Forget((ITEM, owner)))
             plain.zero_()
         self.store.end(owner)
 
+    def reset_if_failed(self) -> None:
+        """A channel that failed an integrity check stays closed (its lock-step IVs can no longer be trusted):
+        re-key with a new one. Swap-outs still in the old one are lost (settle ends their requests)."""
+        if self.channel.failed:
+            self.retired.add_channel(self.channel)
+            self.channel.close()
+            self.channel = self._new_channel()
+
+    def totals(self) -> CryptoTotals:
+        """Crypto counters of KV swap since the engine started."""
+        totals = CryptoTotals()
+        totals.add(self.retired)
+        totals.add_channel(self.channel)
+        return totals
+
     def close(self) -> None:
+        self.channel.close()
         self.store.pool.close()
+
+    def _new_channel(self) -> Channel:
+        """Fresh keys and IV streams; the FIFO predictor learns swap-ins from the scheduler's hints."""
+        return Channel(self.device, mode=self.mode, threads=self.threads, predictor=FifoPredictor())
+
+
+def _as_integrity_error(exc: IntegrityError | ChannelClosed) -> IntegrityError:
+    """A swap-out lost with a channel that failed on an earlier message is lost to the same attack."""
+    if isinstance(exc, IntegrityError):
+        return exc
+    return IntegrityError(f"swapped KV could not reach the host intact: {exc}")

@@ -308,6 +308,15 @@ class DeviceKey:
                           self.device, torch.int8),
         }
 
+    def reserve_powers(self, chunk_bytes: int) -> None:
+        """Build the powers of H that any message of this chunk size needs, so that powers() never reallocates the
+        table afterwards (a CUDA graph that captured the kernels keeps the old address). A GHASH segment spans at
+        most twice a chunk's blocks rounded up to a tile (_ghash: segments of r tiles, r <= tiles per chunk / 2, or
+        one tile)."""
+        if self.backend == "triton":
+            blocks = -(-chunk_bytes // 16)
+            self.powers(2 * -(-blocks // GH_TILE_BLOCKS) * GH_TILE_BLOCKS + 1)
+
     def powers(self, count: int) -> torch.Tensor:
         """H^0 .. H^(count-1) on the device, grown on demand and kept for the key's lifetime."""
         have = self._tables.get("powers")

@@ -77,6 +77,11 @@ class PendingHost:
     def result(self) -> torch.Tensor:
         return self.channel._collect(self)
 
+    @property
+    def ready(self) -> bool:
+        """Whether result() would not wait for the device (the message is on the host, or already opened)."""
+        return self.out is not None or self.event is None or self.event.query()
+
 
 @dataclass
 class ChannelStats:
@@ -364,6 +369,9 @@ class Channel:
         if self.pipeline:
             self.pipeline.close()
         self._pool.close()
+        if self._cuda:      # kernels still queued on the channel's streams read the key tables
+            self._h2d_stream.synchronize()
+            self._d2h_stream.synchronize()
         for k in (self._host_h2d, self._host_d2h, self._dev_h2d, self._dev_d2h):
             k.zeroize()
 

@@ -97,6 +97,8 @@ class SealedLinks:
     def __init__(self, send: dict[int, DeviceKey], recv: dict[int, DeviceKey], chunk_bytes: int,
                  device: torch.device) -> None:
         self._send_keys, self._recv_keys = send, recv
+        for key in (*send.values(), *recv.values()):
+            key.reserve_powers(chunk_bytes)     # grown now, never later: captured graphs hold the table's address
         self._send_at = {peer: torch.zeros(1, dtype=torch.int64, device=device) for peer in send}
         self._recv_at = {peer: torch.zeros(1, dtype=torch.int64, device=device) for peer in recv}
         self.chunk_bytes = chunk_bytes

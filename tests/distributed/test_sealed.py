@@ -46,9 +46,9 @@ def _results(tp, sealed) -> dict:
     return results
 
 
-def _verdict(sealed) -> str:
+def _verdict(sealed, check=None) -> str:
     try:
-        sealed.verify()
+        sealed.verify(check)
         return "ok"
     except IntegrityError as exc:
         return str(exc)
@@ -56,14 +56,18 @@ def _verdict(sealed) -> str:
 
 def _attacked(sealed) -> dict:
     """Three all-reduces of 1600 bytes (chunks of 256: element 64 is in the second chunk): the first and 64th
-    element of each sum, and the verdicts: rank 0's after the second and the third, rank 1's after the third (a
-    failed verify closes the group)."""
+    element of each sum, and the verdicts: rank 0's after the second and the third; rank 1's as of a checkpoint
+    taken after the first, then after the third (a failed verify closes the group)."""
     x = torch.full((4, 100), float(sealed.rank + 1))
-    sums, verdicts = [], []
+    sums, verdicts, early = [], [], None
     for i in range(3):
         got = sealed.all_reduce(x.clone())
         sums.append((float(got[0, 0]), float(got[0, 64])))
+        if i == 0:
+            early = sealed.checkpoint()
         if i == 2 or (i == 1 and sealed.rank == 0):
+            if i == 2 and sealed.rank == 1:
+                verdicts.append(_verdict(sealed, early))    # the flag as it was before the attack
             verdicts.append(_verdict(sealed))
     return dict(sums=sums, verdicts=verdicts)
 
@@ -113,6 +117,6 @@ def test_two_ranks_equal_gloo_bit_for_bit_and_reject_a_flipped_or_replayed_messa
         # chunk failed (the receiver's counters moved on). Rank 0's message of the third sum was whole.
         assert rank1["sums"][1] == ((3.0 if attack == "flip" else 2.0), 2.0)
         assert rank1["sums"][2] == (3.0, 3.0)
-        assert "failed authentication" in rank1["verdicts"][0]
+        assert rank1["verdicts"][0] == "ok" and "failed authentication" in rank1["verdicts"][1]
         # Rank 0 learns of it from rank 1's next message: clean after the second sum, failed after the third.
         assert rank0["verdicts"][0] == "ok" and "failed authentication" in rank0["verdicts"][1]

@@ -36,6 +36,7 @@ def assert_nothing_left(engine: LLMEngine) -> None:
     assert engine.pool.num_free == engine.pool.num_blocks
     assert all(not t.view(torch.uint8).any() for t in engine.runner.kv_cache.tensors)
     if engine.swapper is not None:
+        assert not engine.swapper._outgoing
         assert len(engine.swapper.store) == 0 and len(engine.swapper.store.keys) == 0
         assert engine.swapper.store.num_items == 0
 
@@ -135,7 +136,7 @@ def test_swap_preemption_gives_the_output_of_no_preemption(model_dirs, cc, kv_fo
     engine = llm.engine
     assert engine.scheduler.num_swaps > 0 and engine.swapper.swapped_in_bytes > 0
     if cc == "pipelined":
-        assert engine.runner.boundary.channel.pipeline.stats.hits > 0   # swap-ins were sealed ahead
+        assert engine.swapper.channel.pipeline.stats.hits > 0   # swap-ins were sealed ahead
     crypto = engine.stats().crypto                                      # what /metrics shows, summed
     assert crypto.h2d_bytes > engine.swapper.swapped_in_bytes and crypto.d2h_bytes > 0 and crypto.wait_s > 0
     if cc == "pipelined":
@@ -206,6 +207,76 @@ def test_a_tampered_host_pool_fails_only_that_request(model_dirs):
     assert_nothing_left(engine)
 
 
+def _swap_engine(path: str, cc: str = "naive") -> LLMEngine:
+    return LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=12, block_size=8, cc=cc,
+                                  preemption_mode="swap", num_decode_steps=1))
+
+
+def _run(engine: LLMEngine) -> dict[str, list[int]]:
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    return done
+
+
+def test_a_tampered_swap_out_fails_only_its_request(model_dirs):
+    """A swap-out is verified when it settles (a step later): the request whose KV message was altered on its
+    way to the host ends with an error, the swap channel re-keys (the step channel carries on), and every other
+    request's output is untouched."""
+    path = str(model_dirs["llama"])
+    prompts = prompts_of(6, seed=3)
+    ref = tokens(LLM(path, max_model_len=96, num_gpu_blocks=80, block_size=8), prompts)
+    engine = _swap_engine(path)
+    first, steps = engine.swapper.channel, engine.runner.boundary.channel
+    original, flipped = first.open_d2h, []
+
+    def flip_a_swap_out(sealed):
+        if not flipped and sealed.nbytes > 4096:    # a request's KV blocks (sampled tokens are a few bytes)
+            sealed.wire[3] ^= 0x40
+            flipped.append(True)
+        return original(sealed)
+
+    first.open_d2h = flip_a_swap_out
+    seqs = []
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, PARAMS)
+        seqs.append(engine.requests[f"r{i}"])
+    done = _run(engine)
+    failed = [s for s in seqs if s.finish_reason == "error"]
+    assert flipped and len(failed) == 1 and failed[0].request_id not in done
+    assert first.failed and engine.swapper.channel is not first
+    assert engine.runner.boundary.channel is steps and not steps.failed
+    for i, r in enumerate(ref):
+        if f"r{i}" != failed[0].request_id:
+            assert done[f"r{i}"] == r
+    assert_nothing_left(engine)
+
+
+def test_a_request_ended_before_its_swap_out_settled_leaves_nothing(model_dirs):
+    """Aborted while its KV is still on the way to the host: the message is opened in its turn (the channel's
+    IVs stay in lock-step) and dropped, nothing is stored, the key is destroyed, the others run on."""
+    path = str(model_dirs["llama"])
+    prompts = prompts_of(6, seed=3)
+    ref = tokens(LLM(path, max_model_len=96, num_gpu_blocks=80, block_size=8), prompts)
+    engine = _swap_engine(path)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, PARAMS)
+    for _ in range(200):
+        engine.step()
+        if engine.swapper._outgoing:
+            break
+    out = next(iter(engine.swapper._outgoing.values()))
+    assert out.owner not in engine.swapper.store or not engine.swapper.store.num_items
+    engine.abort_request(out.seq.request_id)
+    assert not engine.swapper._outgoing and out.owner not in engine.swapper.store
+    done = _run(engine)
+    for i, r in enumerate(ref):
+        if f"r{i}" != out.seq.request_id:
+            assert done[f"r{i}"] == r
+    assert not engine.swapper.channel.failed
+    assert_nothing_left(engine)
+
+
 def test_cc_settings_are_validated(model_dirs):
     path = str(model_dirs["llama"])
     with pytest.raises(ValueError, match="--cc"):
@@ -228,7 +299,7 @@ def test_aborting_a_request_sealed_ahead_relinquishes_it_and_the_rest_runs_on(mo
                                     cc="pipelined", preemption_mode="swap", num_decode_steps=1))
     seq, owner = _until_swapped(engine, prompts)
     assert id(seq) in engine.swapper._staged                       # sealed ahead as the next swap-in
-    stats = engine.runner.boundary.channel.pipeline.stats
+    stats = engine.swapper.channel.pipeline.stats
     relinquished = stats.relinquished
     engine.abort_request(seq.request_id)
     assert stats.relinquished == relinquished + 1 and owner not in engine.swapper.store
@@ -239,7 +310,7 @@ def test_aborting_a_request_sealed_ahead_relinquishes_it_and_the_rest_runs_on(mo
     for i, r in enumerate(ref):
         if f"r{i}" != seq.request_id:
             assert done[f"r{i}"] == r
-    assert not engine.runner.boundary.channel.failed
+    assert not engine.swapper.channel.failed
     assert_nothing_left(engine)
 
 
