@@ -28,7 +28,7 @@ def phase_times(llm: LLM, steps: int) -> dict[str, float]:
         batch = engine.scheduler.schedule()
         t1 = time.perf_counter()
         step, seqs = runner._host_step(batch)
-        inputs = runner._device_step(step, batch.decodes, batch.prefills)
+        inputs = runner._device_step(step)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
         with torch.inference_mode():

@@ -277,19 +277,18 @@ class LLMEngine:
         waiting queue needs next (in admission order), so pipelined mode seals them ahead. An adapter message that
         fails authentication fails the step's requests, as a step message does, and re-keys the adapter channel."""
         cache = self.runner.lora
-        try:
-            cache.activate({s.lora for s, _ in batch.items() if s.lora is not None})
-        except IntegrityError as exc:
-            self._fail([s for s, _ in batch.items()], exc)
-            cache.reset_if_failed()
-            raise
         upcoming: list[str] = []
         for seq in self.scheduler.waiting:
             if seq.lora is not None and seq.lora not in upcoming:
                 upcoming.append(seq.lora)
                 if len(upcoming) == cache.num_slots:
                     break
-        cache.prefetch(upcoming)
+        try:
+            self.runner.load_adapters({s.lora for s, _ in batch.items() if s.lora is not None}, upcoming)
+        except IntegrityError as exc:
+            self._fail([s for s, _ in batch.items()], exc)
+            cache.reset_if_failed()
+            raise
 
     def _finish_window(self, window: DecodeWindow) -> list[RequestOutput]:
         """Enqueue the window that continues this one (when that is safe) before reading this one, so the

@@ -191,16 +191,15 @@ class ModelRunner:
         """Run one batch; returns the sequences that sampled a token and what the sampler gave them."""
         step, seqs = self._host_step(batch)
         self._send(("execute", step))
-        return seqs, self.run_step(step, batch.decodes, batch.prefills, [s.params for s in seqs])
+        return seqs, self.run_step(step, [s.params for s in seqs])
 
     @torch.inference_mode()
-    def run_step(self, step: HostStep, decodes: list[Sequence] = (), prefills: list[tuple[Sequence, int]] = (),
-                 params: list[SamplingParams] | None = None) -> SamplerOutput | None:
+    def run_step(self, step: HostStep, params: list[SamplingParams] | None = None) -> SamplerOutput | None:
         """Forward and sample one step on this rank (every rank of a group runs it, so the collectives pair up).
-        Rank 0 passes its sequences (adapter slots) and the sampling rows' params (for when the step's sampling
-        settings are built on the device); a worker has the host arrays alone."""
+        Rank 0 passes the sampling rows' params (for when the step's sampling settings are built on the device);
+        a worker has the host arrays alone."""
         self.ran_since_scrub = True
-        inputs = self._device_step(step, decodes, prefills)
+        inputs = self._device_step(step)
         hidden = self._forward(inputs, step.decode_only)
         self.apply_sparsity(inputs.meta)
         if not step.num_samples:
@@ -223,23 +222,23 @@ class ModelRunner:
             step = self._host_continuation(seqs, after)
         self._send(("decodes", step, steps))
         tail = None if after is None else (after.last_ids, after.last_positions)
-        outputs, positions = self.run_decodes(step, steps, tail, seqs, [s.params for s in seqs])
+        outputs, positions = self.run_decodes(step, steps, tail, [s.params for s in seqs])
         window = DecodeWindow.start(seqs, outputs, positions, self.boundary)
         window.links_check = self.tp.checkpoint()
         return window
 
     @torch.inference_mode()
     def run_decodes(self, step: HostStep | HostContinuation, steps: int,
-                    tail: tuple[torch.Tensor, torch.Tensor] | None = None, seqs: list[Sequence] = (),
+                    tail: tuple[torch.Tensor, torch.Tensor] | None = None,
                     params: list[SamplingParams] | None = None) -> tuple[list[SamplerOutput], torch.Tensor]:
         """The steps of a decode window on this rank: every step's sampler output and the last step's positions.
         A HostContinuation continues from `tail`, the previous window's last tokens and positions on the device
         (every rank sampled the same tokens, so each continues from its own copy)."""
         self.ran_since_scrub = True
         if isinstance(step, HostStep):
-            inputs = self._device_step(step, seqs, [])
+            inputs = self._device_step(step)
         else:
-            inputs = self._device_continuation(step, *tail, seqs)
+            inputs = self._device_continuation(step, *tail)
         meta = inputs.meta
         sampling = inputs.sampling or SamplingBatch.build(params, self.device)
         outputs: list[SamplerOutput] = []
@@ -259,12 +258,14 @@ class ModelRunner:
         after.seqs, in order); block tables come from the host, which has grown them."""
         row_of = {id(s): i for i, s in enumerate(after.seqs)}
         arrays = [np.asarray([row_of[id(s)] for s in seqs], dtype=np.int64), _pad_tables([s.block_ids for s in seqs])]
-        return HostContinuation(arrays, self._host_sampling(seqs, arrays))
+        host_sampling = self._host_sampling(seqs, arrays)
+        self._host_adapter_slots(seqs, [], arrays)
+        return HostContinuation(arrays, host_sampling)
 
-    def _device_continuation(self, step: HostContinuation, last_ids: torch.Tensor, last_positions: torch.Tensor,
-                             seqs: list[Sequence]) -> StepInputs:
+    def _device_continuation(self, step: HostContinuation, last_ids: torch.Tensor, last_positions: torch.Tensor
+                             ) -> StepInputs:
         """The first step's inputs of a continuing window, from the previous window's device state."""
-        rows, tables, *rest = self._to_device(step.arrays, seqs, [])
+        rows, tables, *rest = self._to_device(step.arrays)
         positions = last_positions[rows] + 1
         meta = _decode_only(self._slots(tables, positions), (positions + 1).to(torch.int32), tables)
         return StepInputs(last_ids[rows], positions, meta, torch.arange(rows.shape[0], device=self.device),
@@ -278,6 +279,13 @@ class ModelRunner:
         nd = meta.num_decode_tokens
         prune(self.kv_cache.sparse, meta.decode_block_tables[:nd], meta.decode_seq_lens[:nd], self.sparsity)
         prune(self.kv_cache.sparse, meta.prefill_block_tables, meta.prefill_seq_lens, self.sparsity)
+
+    def load_adapters(self, names: set[str], upcoming: list[str]) -> None:
+        """Make the next batch's adapters resident on every rank (each holds its slice of them; the same calls in
+        the same order give every rank the same slots), then hint the adapters the waiting queue needs next."""
+        self._send(("adapters", names, upcoming))
+        self.lora.activate(names)
+        self.lora.prefetch(upcoming)
 
     def _send(self, command: tuple) -> None:
         """Under tensor parallelism, hand the step to the other ranks before running it here."""
@@ -339,13 +347,13 @@ class ModelRunner:
                   cu_q, np.asarray(seq_lens[nd:], dtype=np.int32), _pad_tables(tables[nd:]),
                   np.asarray(ids, dtype=np.int64), np.concatenate(pos_arrays), np.asarray(sample_idx, dtype=np.int64)]
         host_sampling = self._host_sampling(sampling, arrays)
+        self._host_adapter_slots(decodes, batch.prefills, arrays)
         max_query_len = max((n for _, n in batch.prefills), default=0)
         return HostStep(arrays, nd, max_query_len, len(sampling), host_sampling), sampling
 
-    def _device_step(self, step: HostStep, decodes: list[Sequence], prefills: list[tuple[Sequence, int]]
-                     ) -> StepInputs:
+    def _device_step(self, step: HostStep) -> StepInputs:
         """Copy the step's arrays over and describe them to attention."""
-        tensors = self._to_device(step.arrays, decodes, prefills)
+        tensors = self._to_device(step.arrays)
         slots, d_lens, d_tables, cu, p_lens, p_tables, ids_t, pos_t, idx_t, *rest = tensors
         meta = AttentionMetadata(
             slot_mapping=slots, num_decode_tokens=step.num_decodes, decode_seq_lens=d_lens,
@@ -354,16 +362,21 @@ class ModelRunner:
         )
         return StepInputs(ids_t, pos_t, meta, idx_t, _device_sampling(step.sampling, rest))
 
-    def _to_device(self, arrays: list[np.ndarray], decodes: list[Sequence], prefills: list[tuple[Sequence, int]]
-                   ) -> list[torch.Tensor]:
-        """The step's arrays on the device (one message under cc). With adapters, each token's adapter slot
-        travels last in the same message and becomes the LoRA index of the step."""
-        if self.lora is None:
-            return self.boundary.to_device(arrays)
-        slot = self.lora.slot
-        per_token = [slot(s.lora) for s in decodes] + [slot(s.lora) for s, n in prefills for _ in range(n)]
-        tensors = self.boundary.to_device(arrays + [np.asarray(per_token, dtype=np.int32)])
-        self.lora_index.set(tensors.pop())
+    def _host_adapter_slots(self, decodes: list[Sequence], prefills: list[tuple[Sequence, int]],
+                            arrays: list[np.ndarray]) -> None:
+        """With adapters, append each token's adapter slot (decodes, then prefill tokens) to the step's arrays:
+        it travels last, in the same message, to every rank."""
+        if self.lora is not None:
+            slot = self.lora.slot
+            per_token = [slot(s.lora) for s in decodes] + [slot(s.lora) for s, n in prefills for _ in range(n)]
+            arrays.append(np.asarray(per_token, dtype=np.int32))
+
+    def _to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """The step's arrays on the device (one message under cc); with adapters the last one, each token's
+        adapter slot, becomes the LoRA index of the step."""
+        tensors = self.boundary.to_device(arrays)
+        if self.lora is not None:
+            self.lora_index.set(tensors.pop())
         return tensors
 
     def _host_sampling(self, seqs: list[Sequence], arrays: list[np.ndarray]) -> SamplingBatch | None:

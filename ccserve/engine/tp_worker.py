@@ -78,6 +78,8 @@ def serve(runner: ModelRunner, conn: Connection) -> None:
             # Rank 0 only ever continues the window it enqueued last, so this worker's last window is the one.
             outputs, positions = runner.run_decodes(*args, tail=tail)
             tail = (outputs[-1].token_ids, positions)
+        elif command == "adapters":
+            runner.load_adapters(*args)
         elif command == "scrub":
             runner.scrub(*args)
         elif command == "scrub_idle":

@@ -15,6 +15,7 @@ from torch import nn
 
 from ccserve.kernels.lora import lora_expand, lora_shrink
 from ccserve.layers.linear import Linear
+from ccserve.layers.parallel_linear import RowParallelLinear
 
 
 class LoraIndex:
@@ -50,14 +51,19 @@ class LoraTarget:
 
 
 class LoraLinear(nn.Module):
+    """Under tensor parallelism the stacks hold this rank's slice (lora/attach.py): B's rows of a column-parallel
+    linear, A's columns of a row-parallel one. A row-parallel rank's delta is then an addend like its product, so
+    it is added before the all-reduce, which sums both."""
+
     def __init__(self, base: Linear, index: LoraIndex) -> None:
         super().__init__()
         self.base, self.index = base, index
         self.targets: list[LoraTarget] = []
+        self.reduces = isinstance(base, RowParallelLinear) and base.tp.size > 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self.base.partial(x) if self.reduces else self.base(x)
         slots = self.index.token_slots
         for t in self.targets:
             lora_expand(lora_shrink(x, t.a, slots), t.b, slots, y, t.offset)
-        return y
+        return self.base.tp.all_reduce(y) if self.reduces else y

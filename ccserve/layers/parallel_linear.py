@@ -30,6 +30,9 @@ class ColumnParallelLinear(Linear, Sharded):
         n = self.weight.shape[0]
         return narrow_checked(tensor, 0, self.full_out, self.tp.rank * n, n)
 
+    def full_shape(self, shard: int | None) -> tuple[int, int]:
+        return self.full_out, self.weight.shape[1]
+
 
 class MergedColumnParallelLinear(MergedLinear, Sharded):
     """Several column-parallel projections of one input in one GEMM (gate/up): each projection is split
@@ -44,6 +47,9 @@ class MergedColumnParallelLinear(MergedLinear, Sharded):
     def rank_slice(self, param_name: str, tensor: torch.Tensor, shard: int | None) -> torch.Tensor:
         n = self.output_sizes[shard]
         return narrow_checked(tensor, 0, self.full_sizes[shard], self.tp.rank * n, n)
+
+    def full_shape(self, shard: int | None) -> tuple[int, int]:
+        return self.full_sizes[shard], self.weight.shape[1]
 
 
 class QKVParallelLinear(MergedLinear, Sharded):
@@ -64,6 +70,9 @@ class QKVParallelLinear(MergedLinear, Sharded):
         d = self.head_dim
         first = self.tp.rank * self.num_heads if shard == 0 else self.kv_head_start
         return narrow_checked(tensor, 0, self.full_heads[shard] * d, first * d, self.output_sizes[shard])
+
+    def full_shape(self, shard: int | None) -> tuple[int, int]:
+        return self.full_heads[shard] * self.head_dim, self.weight.shape[1]
 
 
 def kv_heads_of_rank(num_kv_heads: int, tp: TensorParallelGroup) -> tuple[int, int]:
@@ -93,12 +102,19 @@ class RowParallelLinear(Linear, Sharded):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
             return super().forward(x)
+        return self.tp.all_reduce(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's addend of the sum (the bias on rank 0 only): what LoRA adds its own addend to before the
+        all-reduce (layers/lora.py)."""
         bias = self.bias if self.tp.rank == 0 else None
-        y = skinny_gemm_triton(x, self.weight, bias) if self._skinny(x) else F.linear(x, self.weight, bias)
-        return self.tp.all_reduce(y)
+        return skinny_gemm_triton(x, self.weight, bias) if self._skinny(x) else F.linear(x, self.weight, bias)
 
     def rank_slice(self, param_name: str, tensor: torch.Tensor, shard: int | None) -> torch.Tensor:
         if param_name == "bias":
             return tensor
         n = self.weight.shape[1]
         return narrow_checked(tensor, 1, self.full_in, self.tp.rank * n, n)
+
+    def full_shape(self, shard: int | None) -> tuple[int, int]:
+        return self.weight.shape[0], self.full_in

@@ -22,6 +22,11 @@ class Sharded:
         model's."""
         raise NotImplementedError
 
+    def full_shape(self, shard: int | None) -> tuple[int, int]:
+        """(out, in) of the checkpoint's weight (projection `shard` of a fused layer): the whole model's sizes,
+        which a LoRA adapter of the base model must match (lora/attach.py)."""
+        raise NotImplementedError
+
 
 def split(total: int, size: int, what: str) -> int:
     """total / size, or an error naming what does not divide (a model dimension and the TP size)."""

@@ -74,6 +74,24 @@ def test_mixed_batch_equals_each_alone_with_lru_eviction(dirs, steps):
     assert (stats.lora_loads, stats.lora_hits) == (cache.loads, cache.hits)
 
 
+@pytest.mark.parametrize("cc", ["off", "naive"])
+def test_tensor_parallel_gives_the_tokens_of_one_process(dirs, cc):
+    """TP=2 (rank 1 in a worker process, gloo): each rank holds its slice of every adapter (B's rows of the
+    column-parallel projections, A's columns of the row-parallel ones, whose deltas join the all-reduce) and
+    loads the same adapters into the same slots; mixed batches with evictions and decode windows give one
+    process's tokens, with the adapter loads (and collectives) sealed under --cc too."""
+    prompts = prompts_of(6, seed=9)
+    names = ["a", "b", None, "c", "a", "c"]
+    settings = dict(max_loras=2, num_decode_steps=4, device="cpu", cc=cc)
+    want = tokens(llm(dirs, **settings), prompts, names)
+    group = llm(dirs, tensor_parallel_size=2, **settings)
+    try:
+        assert tokens(group, prompts, names) == want
+        assert group.engine.runner.lora.loads >= 3    # three adapters through two slots: an eviction
+    finally:
+        group.close()
+
+
 def test_batch_never_holds_more_adapters_than_slots(dirs):
     engine = llm(dirs, max_loras=1)
     seen = []
