@@ -205,9 +205,6 @@ class EngineConfig:
             raise ValueError("--preemption-mode swap does not yet run under tensor parallelism (only rank 0's slice "
                              "of the KV would move): use --preemption-mode recompute, or auto (which recomputes "
                              "under tensor parallelism), or --tensor-parallel-size 1")
-        if self.gpu_weight_budget_gb is not None:
-            raise ValueError("weight streaming (--gpu-weight-budget) does not yet run under tensor parallelism: drop "
-                             "it or use --tensor-parallel-size 1")
         if self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r} names one GPU, but tensor_parallel_size {size} uses the first "
                              f"{size} visible GPUs: pass device 'cuda' and choose GPUs with CUDA_VISIBLE_DEVICES")

@@ -28,7 +28,10 @@ def check_tensor_parallel_setup(config: EngineConfig) -> None:
     check_visible_gpus(size)
     # mem_get_info(i) opens a context on GPU i in this process; the workers' own contexts are on top of it.
     free = [torch.cuda.mem_get_info(i)[0] for i in range(size)]
-    check_fits(weight_bytes(config, hf_config), kv_bytes_per_sequence(config, hf_config), size, free)
+    weights = weight_bytes(config, hf_config)
+    if config.gpu_weight_budget_gb is not None:     # each rank streams what its budget does not hold
+        weights = min(weights, int(config.gpu_weight_budget_gb * GIB) * size)
+    check_fits(weights, kv_bytes_per_sequence(config, hf_config), size, free)
 
 
 def check_fits(weights: int, kv_per_sequence: int, size: int, free: list[int]) -> None:

@@ -176,3 +176,21 @@ def test_every_layer_streamed_with_an_odd_count(tmp_path, cc):
         runner.lens.clear()
         assert all(torch.equal(a, b) for a, b in zip(got, want))
     stream.close()
+
+
+@pytest.mark.parametrize("cc", ["off", "pipelined"])
+def test_tensor_parallel_ranks_stream_their_slices(model_dirs, cc):
+    """TP=2 (rank 1 in a worker, gloo): each rank streams the layers of its slice that its budget does not hold,
+    and the group generates what one process with every weight resident generates."""
+    path = str(model_dirs["llama"])
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = [o.token_ids for o in LLM(path, max_model_len=128, num_gpu_blocks=64).generate(prompts(), params)]
+    resident, layer = sizes(path)
+    per_rank = (resident / 2 + (RING_SLOTS + 2) * (layer / 2 + 256)) / GIB    # about one slice layer resident
+    llm = LLM(path, max_model_len=128, num_gpu_blocks=64, cc=cc, gpu_weight_budget_gb=per_rank,
+              tensor_parallel_size=2, device="cpu")
+    try:
+        assert llm.engine.runner.weights.num_streamed >= LAYERS // 2
+        assert [o.token_ids for o in llm.generate(prompts(), params)] == want
+    finally:
+        llm.close()
