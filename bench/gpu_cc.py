@@ -47,10 +47,10 @@ def channel_stats(llm: LLM) -> dict:
     out = dict(preemptions=engine.scheduler.num_preemptions, swaps=engine.scheduler.num_swaps)
     if engine.runner.boundary.channel is not None:
         out.update(_channel_counters(engine.runner.boundary.channel))
-    if engine.swapper is not None:
-        out["swap"] = dict(_channel_counters(engine.swapper.channel),
-                           swapped_out_mb=round(engine.swapper.swapped_out_bytes / 1e6, 1),
-                           swapped_in_mb=round(engine.swapper.swapped_in_bytes / 1e6, 1))
+    if engine.runner.swapper is not None:
+        out["swap"] = dict(_channel_counters(engine.runner.swapper.channel),
+                           swapped_out_mb=round(engine.runner.swapper.swapped_out_bytes / 1e6, 1),
+                           swapped_in_mb=round(engine.runner.swapper.swapped_in_bytes / 1e6, 1))
     return out
 
 

@@ -44,7 +44,7 @@ class EngineConfig:
     all resident.
     tensor_parallel_size N > 1 runs the model as a group of N processes, one per visible GPU (docs/tp.md): this
     process is rank 0 and drives the others; with --cc the collectives between them carry only AES-GCM sealed
-    payloads (per-link keys), and KV swap stays off (preemption recomputes) until each rank swaps its slice.
+    payloads (per-link keys), and each rank swaps its slice of a preempted request's KV.
     tp_all_reduce "peer" sends the small all-reduces of decode steps through a one-shot all-reduce over peer GPU
     memory (PyTorch symmetric memory; 2 GPUs, --cc off) instead of NCCL's (distributed/peer_reduce.py).
     lora_adapters maps adapter names (what a request's `model` field selects) to PEFT LoRA directories, read at
@@ -201,10 +201,6 @@ class EngineConfig:
                              "--cc every collective is sealed): use --tp-all-reduce nccl")
         if size == 1:
             return
-        if self.preemption_mode == "swap":
-            raise ValueError("--preemption-mode swap does not yet run under tensor parallelism (only rank 0's slice "
-                             "of the KV would move): use --preemption-mode recompute, or auto (which recomputes "
-                             "under tensor parallelism), or --tensor-parallel-size 1")
         if self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r} names one GPU, but tensor_parallel_size {size} uses the first "
                              f"{size} visible GPUs: pass device 'cuda' and choose GPUs with CUDA_VISIBLE_DEVICES")
@@ -212,7 +208,7 @@ class EngineConfig:
     @property
     def swap_enabled(self) -> bool:
         """Whether preemption may swap KV out (else it always recomputes)."""
-        return self.cc != "off" and self.preemption_mode in ("swap", "auto") and self.tensor_parallel_size == 1
+        return self.cc != "off" and self.preemption_mode in ("swap", "auto")
 
     @property
     def swap_threshold(self) -> int | None:

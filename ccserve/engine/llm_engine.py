@@ -4,6 +4,7 @@ Single-threaded by design: the server drives it from one thread. Nothing here lo
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from ccserve.config import EngineConfig
@@ -13,7 +14,6 @@ from ccserve.engine.outputs import EngineStats, RequestOutput, TokenLogprob
 from ccserve.engine.public_prefixes import build_prefix_cache
 from ccserve.engine.scheduler import ScheduledBatch, Scheduler
 from ccserve.engine.sequence import Sequence, SequenceStatus
-from ccserve.engine.swapper import KVSwapper
 from ccserve.engine.tp_checks import check_tensor_parallel_setup
 from ccserve.engine.tp_workers import WorkerExited, WorkerGroup
 from ccserve.kv.block_pool import BlockPool
@@ -51,8 +51,8 @@ class LLMEngine:
                              f"{self.pool.num_free * config.block_size} tokens, less than max_model_len "
                              f"{self.max_model_len}: declare fewer prefixes, lower max_model_len or give the cache "
                              "more memory")
-        self.swapper = (KVSwapper(self.runner.kv_cache, config.cc, config.cc_threads, self.runner.device)
-                        if config.swap_enabled else None)
+        self._swapped: dict[int, Sequence] = {}     # swap owner number -> request, for requests swapped once
+        self._swap_numbers = itertools.count()
         self.scheduler = Scheduler(self.pool, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.swap_threshold, config.max_loras if config.lora_adapters else None)
         self.lora_names: list[str] = list(config.lora_adapters)
@@ -131,8 +131,8 @@ class LLMEngine:
         """Every channel the engine moves data through: steps and tokens (the boundary), KV swap, LoRA adapter
         loads, streamed weights."""
         totals = self.runner.boundary.totals()
-        if self.swapper is not None:
-            totals.add(self.swapper.totals())
+        if self.runner.swapper is not None:
+            totals.add(self.runner.swapper.totals())
         if self.runner.lora is not None:
             totals.add(self.runner.lora.totals())
         if self.runner.weights is not None:
@@ -149,8 +149,8 @@ class LLMEngine:
             self.runner.drop_graphs()
             self.runner.peers.close()
         self.runner.boundary.close()
-        if self.swapper is not None:
-            self.swapper.close()
+        if self.runner.swapper is not None:
+            self.runner.swapper.close()
         if self.runner.weights is not None:
             self.runner.weights.close()
         if self.runner.lora is not None:
@@ -180,7 +180,7 @@ class LLMEngine:
     def _step(self) -> list[RequestOutput]:
         if self._window is not None:
             return self._finish_window(self._window)
-        if self.swapper is not None:
+        if self.runner.swapper is not None:
             self._settle_swaps()
         batch = self.scheduler.schedule()
         if batch.swap_out:
@@ -190,7 +190,7 @@ class LLMEngine:
         self.runner.scrub(self.pool.take_blocks_to_scrub())
         if batch.swap_in:
             self._swap_in(batch)
-        if self.swapper is not None:
+        if self.runner.swapper is not None:
             self._prefetch_swap_ins()
         if batch.empty:
             return []
@@ -225,18 +225,20 @@ class LLMEngine:
     def _swap_out(self, batch: ScheduledBatch) -> None:
         """Move preempted requests' KV to the host store; a request whose KV cannot leave intact ends."""
         for seq, block_ids in batch.swap_out:
+            if seq.swap_owner is None:
+                seq.swap_owner = next(self._swap_numbers)
+                self._swapped[seq.swap_owner] = seq
             try:
-                self.swapper.swap_out(seq, block_ids)
+                self.runner.swap_out(seq.swap_owner, block_ids)
             except IntegrityError as exc:
                 self._fail([seq], exc)
 
     def _settle_swaps(self, until: Sequence | None = None) -> bool:
         """Store the swap-outs that reached the host (all up to `until`'s, waiting for them, when given); end the
         requests whose KV did not arrive intact. Returns whether any request ended."""
-        failed = self.swapper.settle(until)
-        for seq, exc in failed:
-            self._fail([seq], exc)
-        self.swapper.reset_if_failed()
+        failed = self.runner.settle_swaps(None if until is None else until.swap_owner)
+        for owner, exc in failed:
+            self._fail([self._swapped[owner]], exc)
         return bool(failed)
 
     def _swap_in(self, batch: ScheduledBatch) -> None:
@@ -248,11 +250,11 @@ class LLMEngine:
             if seq.finished:
                 continue
             try:
-                self.swapper.swap_in(seq, block_ids)
+                self.runner.swap_in(seq.swap_owner, block_ids)
             except IntegrityError as exc:
                 ended = True
                 self._fail([seq], exc)
-                self.swapper.reset_if_failed()
+                self.runner.swapper.reset_if_failed()
         if ended:
             batch.decodes = [s for s in batch.decodes if not s.finished]
             batch.prefills = [(s, n) for s, n in batch.prefills if not s.finished]
@@ -268,7 +270,7 @@ class LLMEngine:
             if len(upcoming) == SWAP_PREFETCH_DEPTH:
                 break
         if upcoming:
-            self.swapper.prefetch(upcoming)
+            self.runner.prefetch_swaps([s.swap_owner for s in upcoming])
 
     # ---- LoRA adapters --------------------------------------------------------------------------------
 
@@ -425,8 +427,10 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         """End a request: free (and later scrub) its blocks, and shred whatever of it rests on the host."""
         self.scheduler.finish(seq, reason)
-        if self.swapper is not None:
-            self.swapper.end(seq)
+        if seq.swap_owner is not None:
+            self.runner.end_swap(seq.swap_owner)
+            self._swapped.pop(seq.swap_owner, None)
+            seq.swap_owner = None
 
     def _fail(self, seqs: list[Sequence], exc: BaseException | None = None) -> None:
         """A failed step ends the requests it carried (and frees their blocks); others keep going. After an

@@ -15,6 +15,7 @@ from ccserve.distributed.sealed import LinksCheck
 from ccserve.engine.boundary import Boundary
 from ccserve.engine.scheduler import ScheduledBatch
 from ccserve.engine.sequence import Sequence
+from ccserve.engine.swapper import KVSwapper
 from ccserve.engine.weight_stream import WeightStream, attach_weight_stream
 from ccserve.kv.cache import KVCache
 from ccserve.kv.formats import kv_format
@@ -24,7 +25,7 @@ from ccserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from ccserve.lora import AdapterCache, LoraIndex, build_lora
 from ccserve.models.loader import load_model
 from ccserve.sampling_params import SamplingParams
-from ccserve.secure import PendingHost
+from ccserve.secure import IntegrityError, PendingHost
 
 if TYPE_CHECKING:
     from ccserve.engine.tp_workers import WorkerGroup
@@ -169,6 +170,9 @@ class ModelRunner:
         num_blocks = tp.min_over_ranks(num_blocks, self.device)  # every rank holds a slice of the same blocks
         self.kv_cache = self._new_cache(num_blocks)
         self.kv_cache.bind(self.attn_layers)
+        # Encrypted KV swap (docs/cc.md): every rank swaps its slice of the blocks, as rank 0 says.
+        self.swapper = (KVSwapper(self.kv_cache, config.cc, config.cc_threads, self.device)
+                        if config.swap_enabled else None)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graphs_replayed: set[int] = set()     # batch sizes whose graphs hold a request's data (see scrub_idle)
         self.ran_since_scrub = False
@@ -279,6 +283,36 @@ class ModelRunner:
         nd = meta.num_decode_tokens
         prune(self.kv_cache.sparse, meta.decode_block_tables[:nd], meta.decode_seq_lens[:nd], self.sparsity)
         prune(self.kv_cache.sparse, meta.prefill_block_tables, meta.prefill_seq_lens, self.sparsity)
+
+    # ---- encrypted KV swap, on every rank (owners: the engine's numbers for swapped requests) --------------
+
+    def swap_out(self, owner: int, block_ids: list[int]) -> None:
+        self._send(("swap_out", owner, block_ids))
+        self.swapper.swap_out(owner, block_ids)
+
+    def settle_swaps(self, until: int | None = None) -> list[tuple[int, IntegrityError]]:
+        """Store the swap-outs that arrived (see KVSwapper.settle). A worker whose swap-out failed cannot answer
+        with the owner: it raises, and its exit ends the group."""
+        self._send(("settle_swaps", until))
+        failed = self.swapper.settle(until)
+        if failed and self.peers is None and self.tp.rank > 0:
+            raise failed[0][1]
+        self.swapper.reset_if_failed()
+        return failed
+
+    def swap_in(self, owner: int, block_ids: list[int]) -> None:
+        self._send(("swap_in", owner, block_ids))
+        self.swapper.swap_in(owner, block_ids)
+
+    def prefetch_swaps(self, owners: list[int]) -> None:
+        self._send(("prefetch_swaps", owners))
+        self.swapper.prefetch(owners)
+
+    def end_swap(self, owner: int) -> None:
+        """Also when the group is lost (requests end then): the workers ended with their memory."""
+        if self.peers is not None and self.peers.alive:
+            self.peers.send(("end_swap", owner))
+        self.swapper.end(owner)
 
     def load_adapters(self, names: set[str], upcoming: list[str]) -> None:
         """Make the next batch's adapters resident on every rank (each holds its slice of them; the same calls in

@@ -28,6 +28,7 @@ class Sequence:
         self.output_token_ids: list[int] = []
         self.params = params
         self.lora: str | None = None        # the LoRA adapter's name (docs/lora.md), None: the base model
+        self.swap_owner: int | None = None  # the engine's number for its swapped KV (engine/swapper.py)
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []

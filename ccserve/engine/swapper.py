@@ -8,7 +8,9 @@ a swap message that fails authentication re-keys this channel only, ending just 
 never the step in flight. Why one message:
 all of a request's blocks (keys and values of every layer, with the scales and zero points of a quantized
 --kv-format, still compressed) are gathered on the device into one flat tensor, so a swap is one sealed
-transfer each way. Owners are numbered here; nothing of the request (id, content) reaches secure/.
+transfer each way. Requests are owner numbers the engine gives; nothing of the request (id, content) reaches
+secure/. Under tensor parallelism every rank runs a swapper for its slice of the blocks, driven by rank 0 with the
+same owner numbers (engine/model_runner.py).
 
 A swap-out does not wait for the GPU: the blocks are gathered into one tensor on the compute stream (so the
 caller may scrub and reuse them at once), sealed on the channel's D2H stream, and copied to pinned memory while
@@ -24,12 +26,10 @@ never reusing one).
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
 
-from ccserve.engine.sequence import Sequence
 from ccserve.kv.cache import KVCache
 from ccserve.secure import (
     Channel,
@@ -51,80 +51,76 @@ ITEM = "kv"
 class Outgoing:
     """A swap-out on its way to the host store."""
 
-    seq: Sequence
     owner: int
     message: PendingHost
 
 
 class KVSwapper:
+    """One rank's swapper. Requests are known by owner numbers the engine gives them (the same on every rank of a
+    tensor-parallel group, where each rank swaps its slice of the blocks, under its own keys)."""
+
     def __init__(self, cache: KVCache, mode: str, threads: int, device: torch.device) -> None:
         """mode: the channel's (naive or pipelined; swap needs --cc)."""
         self.cache, self.mode, self.threads, self.device = cache, mode, threads, device
         self.channel = self._new_channel()
         self.retired = CryptoTotals()               # counters of channels closed by a re-key
         self.store = HostStore(WorkerPool(threads))
-        self._owner: dict[int, int] = {}            # id(seq) -> owner number in the host store
-        self._staged: dict[int, torch.Tensor] = {}  # id(seq) -> plaintext opened ahead (pipelined prefetch)
-        self._outgoing: dict[int, Outgoing] = {}    # id(seq) -> swap-out not yet stored, in the channel's order
-        self._numbers = itertools.count()
+        self._staged: dict[int, torch.Tensor] = {}  # owner -> plaintext opened ahead (pipelined prefetch)
+        self._outgoing: dict[int, Outgoing] = {}    # owner -> swap-out not yet stored, in the channel's order
         self.swapped_out_bytes = 0
         self.swapped_in_bytes = 0
 
-    def swap_out(self, seq: Sequence, block_ids: list[int]) -> None:
+    def swap_out(self, owner: int, block_ids: list[int]) -> None:
         """Start moving the blocks' contents to the host store (the caller may free and scrub the blocks at once:
         they were copied on the compute stream); `settle` stores them."""
-        owner = self._owner.get(id(seq))
-        if owner is None:
-            owner = self._owner[id(seq)] = next(self._numbers)
+        if owner not in self.store:
             self.store.open(owner)
         data = self.cache.gather(block_ids)
-        self._outgoing[id(seq)] = Outgoing(seq, owner, self.channel.to_host_async(data))
+        self._outgoing[owner] = Outgoing(owner, self.channel.to_host_async(data))
         self.swapped_out_bytes += data.nbytes
 
-    def settle(self, until: Sequence | None = None) -> list[tuple[Sequence, IntegrityError]]:
+    def settle(self, until: int | None = None) -> list[tuple[int, IntegrityError]]:
         """Store the swap-outs whose message has reached the host, oldest first; with `until`, wait for every
-        swap-out up to and including that request's. Returns the requests whose KV could not leave intact (the
-        message failed authentication, or its channel failed on an earlier one): they must end."""
-        if until is not None and id(until) not in self._outgoing:
+        swap-out up to and including that owner's. Returns the owners whose KV could not leave intact (the message
+        failed authentication, or its channel failed on an earlier one): their requests must end."""
+        if until is not None and until not in self._outgoing:
             return []
         failed = []
         while self._outgoing:
-            key, out = next(iter(self._outgoing.items()))
+            owner, out = next(iter(self._outgoing.items()))
             if until is None and not out.message.ready:
                 break
-            del self._outgoing[key]
+            del self._outgoing[owner]
             try:
                 plain = out.message.result()
             except (IntegrityError, ChannelClosed) as exc:
-                failed.append((out.seq, _as_integrity_error(exc)))
+                failed.append((owner, _as_integrity_error(exc)))
             else:
-                self.store.put(out.owner, ITEM, plain)
+                self.store.put(owner, ITEM, plain)
                 plain.zero_()                        # the plaintext lived only between two decryptions
-            if out.seq is until:
+            if owner == until:
                 break
         return failed
 
-    def prefetch(self, seqs: list[Sequence]) -> None:
+    def prefetch(self, owners: list[int]) -> None:
         """These swapped requests come back next, in this order: seal them ahead (pipelined mode only)."""
         channel = self.channel
         if channel.pipeline is None:
             return
-        for seq in seqs:
-            if id(seq) in self._staged or id(seq) in self._outgoing:     # (not stored yet: swap_in waits for it)
+        for owner in owners:
+            if owner in self._staged or owner in self._outgoing:     # (not stored yet: swap_in waits for it)
                 continue
-            owner = self._owner[id(seq)]
             plain = self.store.get(owner, ITEM)
-            self._staged[id(seq)] = plain
+            self._staged[owner] = plain
             channel.register(plain, key=(ITEM, owner))
             channel.hint(SwapOut((ITEM, owner)))
 
-    def swap_in(self, seq: Sequence, block_ids: list[int]) -> None:
+    def swap_in(self, owner: int, block_ids: list[int]) -> None:
         """Bring the request's blocks back into `block_ids` and drop its host copy (its key stays until it ends:
         it may be swapped out again). Its swap-out must have settled."""
-        if id(seq) in self._outgoing:
-            raise RuntimeError("swap_in before the request's swap-out settled: call settle(until=seq) first")
-        owner = self._owner[id(seq)]
-        plain = self._staged.pop(id(seq), None)
+        if owner in self._outgoing:
+            raise RuntimeError("swap_in before the request's swap-out settled: call settle(until=owner) first")
+        plain = self._staged.pop(owner, None)
         if plain is None:
             plain = self.store.get(owner, ITEM)
         try:
@@ -135,18 +131,15 @@ class KVSwapper:
         self.store.discard(owner, ITEM)
         self.swapped_in_bytes += plain.nbytes
 
-    def end(self, seq: Sequence) -> None:
+    def end(self, owner: int) -> None:
         """The request ended (finished, aborted, failed): forget any speculation and destroy its key."""
-        owner = self._owner.pop(id(seq), None)
-        if owner is None:
-            return
-        out = self._outgoing.pop(id(seq), None)
+        out = self._outgoing.pop(owner, None)
         if out is not None:     # its message still takes its place in the channel's order: open it and drop it
             try:
                 out.message.result().zero_()
             except (IntegrityError, ChannelClosed):
                 pass
-        plain = self._staged.pop(id(seq), None)
+        plain = self._staged.pop(owner, None)
         if plain is not None:
             if not self.channel.failed:
                 self.channel.hint(Forget((ITEM, owner)))

@@ -52,6 +52,8 @@ def run_worker(rank: int, size: int, init_method: str, config: EngineConfig, con
     finally:
         if runner is not None:
             runner.drop_graphs()    # before the group goes: see ModelRunner.drop_graphs
+            if runner.swapper is not None:
+                runner.swapper.close()
         destroy_tensor_parallel(tp)
 
 
@@ -80,6 +82,8 @@ def serve(runner: ModelRunner, conn: Connection) -> None:
             tail = (outputs[-1].token_ids, positions)
         elif command == "adapters":
             runner.load_adapters(*args)
+        elif command in ("swap_out", "settle_swaps", "swap_in", "prefetch_swaps", "end_swap"):
+            getattr(runner, command)(*args)
         elif command == "scrub":
             runner.scrub(*args)
         elif command == "scrub_idle":

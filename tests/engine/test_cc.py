@@ -35,10 +35,10 @@ def assert_nothing_left(engine: LLMEngine) -> None:
     assert not engine.requests and not engine.has_unfinished_requests()
     assert engine.pool.num_free == engine.pool.num_blocks
     assert all(not t.view(torch.uint8).any() for t in engine.runner.kv_cache.tensors)
-    if engine.swapper is not None:
-        assert not engine.swapper._outgoing
-        assert len(engine.swapper.store) == 0 and len(engine.swapper.store.keys) == 0
-        assert engine.swapper.store.num_items == 0
+    if engine.runner.swapper is not None:
+        assert not engine.runner.swapper._outgoing
+        assert len(engine.runner.swapper.store) == 0 and len(engine.runner.swapper.store.keys) == 0
+        assert engine.runner.swapper.store.num_items == 0
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -134,16 +134,33 @@ def test_swap_preemption_gives_the_output_of_no_preemption(model_dirs, cc, kv_fo
               preemption_mode="swap")
     assert tokens(llm, prompts) == roomy
     engine = llm.engine
-    assert engine.scheduler.num_swaps > 0 and engine.swapper.swapped_in_bytes > 0
+    assert engine.scheduler.num_swaps > 0 and engine.runner.swapper.swapped_in_bytes > 0
     if cc == "pipelined":
-        assert engine.swapper.channel.pipeline.stats.hits > 0   # swap-ins were sealed ahead
+        assert engine.runner.swapper.channel.pipeline.stats.hits > 0   # swap-ins were sealed ahead
     crypto = engine.stats().crypto                                      # what /metrics shows, summed
-    assert crypto.h2d_bytes > engine.swapper.swapped_in_bytes and crypto.d2h_bytes > 0 and crypto.wait_s > 0
+    assert crypto.h2d_bytes > engine.runner.swapper.swapped_in_bytes and crypto.d2h_bytes > 0 and crypto.wait_s > 0
     if cc == "pipelined":
         assert crypto.speculated >= crypto.speculation_hits > 0
     else:
         assert crypto.speculated == crypto.speculation_hits == 0
     assert_nothing_left(engine)
+
+
+@pytest.mark.parametrize("cc", ["naive", "pipelined"])
+def test_tensor_parallel_ranks_swap_their_slices(model_dirs, cc):
+    """TP=2 (rank 1 in a worker, gloo): every rank swaps its slice of a preempted request's blocks through its own
+    swap channel into its own host store, as rank 0 says, and the output is an unpressured run's."""
+    path = str(model_dirs["llama32"])
+    prompts = prompts_of(6, seed=3)
+    roomy = tokens(LLM(path, max_model_len=96, num_gpu_blocks=80, block_size=8), prompts)
+    llm = LLM(path, max_model_len=96, num_gpu_blocks=12, block_size=8, cc=cc, preemption_mode="swap",
+              tensor_parallel_size=2, device="cpu")
+    try:
+        assert tokens(llm, prompts) == roomy
+        assert llm.engine.scheduler.num_swaps > 0 and llm.engine.runner.swapper.swapped_in_bytes > 0
+        assert_nothing_left(llm.engine)
+    finally:
+        llm.close()
 
 
 def test_auto_swaps_long_requests_and_recomputes_short_ones(model_dirs):
@@ -160,12 +177,12 @@ def test_auto_swaps_long_requests_and_recomputes_short_ones(model_dirs):
 def _until_swapped(engine: LLMEngine, prompts) -> tuple:
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, PARAMS)
-    store = engine.swapper.store
+    store = engine.runner.swapper.store
     for _ in range(200):
         engine.step()
         if store.num_items:
             owner = next(o for o, own in store._owners.items() if own.items)
-            seq = next(s for s in engine.requests.values() if engine.swapper._owner.get(id(s)) == owner)
+            seq = next(s for s in engine.requests.values() if s.swap_owner == owner)
             return seq, owner
     raise AssertionError("no request was swapped out: the pool is not small enough")
 
@@ -175,7 +192,7 @@ def test_swapped_kv_is_ciphertext_and_shredded_when_the_request_ends(model_dirs)
     engine = LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=12, block_size=8, cc="naive",
                                     preemption_mode="swap", num_decode_steps=1))
     seq, owner = _until_swapped(engine, prompts_of(6, seed=3))
-    store = engine.swapper.store
+    store = engine.runner.swapper.store
     plain = store.get(owner, "kv").view(torch.uint8)
     wire = store.ciphertext(owner, "kv")[:plain.numel()]
     assert plain.any() and (wire == plain).float().mean() < 0.05     # the host pool holds no plaintext KV
@@ -196,7 +213,7 @@ def test_a_tampered_host_pool_fails_only_that_request(model_dirs):
     engine = LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=12, block_size=8, cc="naive",
                                     preemption_mode="swap", num_decode_steps=1))
     seq, owner = _until_swapped(engine, prompts)
-    engine.swapper.store.ciphertext(owner, "kv")[5] ^= 1
+    engine.runner.swapper.store.ciphertext(owner, "kv")[5] ^= 1
     done = {}
     while engine.has_unfinished_requests():
         done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
@@ -227,7 +244,7 @@ def test_a_tampered_swap_out_fails_only_its_request(model_dirs):
     prompts = prompts_of(6, seed=3)
     ref = tokens(LLM(path, max_model_len=96, num_gpu_blocks=80, block_size=8), prompts)
     engine = _swap_engine(path)
-    first, steps = engine.swapper.channel, engine.runner.boundary.channel
+    first, steps = engine.runner.swapper.channel, engine.runner.boundary.channel
     original, flipped = first.open_d2h, []
 
     def flip_a_swap_out(sealed):
@@ -244,7 +261,7 @@ def test_a_tampered_swap_out_fails_only_its_request(model_dirs):
     done = _run(engine)
     failed = [s for s in seqs if s.finish_reason == "error"]
     assert flipped and len(failed) == 1 and failed[0].request_id not in done
-    assert first.failed and engine.swapper.channel is not first
+    assert first.failed and engine.runner.swapper.channel is not first
     assert engine.runner.boundary.channel is steps and not steps.failed
     for i, r in enumerate(ref):
         if f"r{i}" != failed[0].request_id:
@@ -263,17 +280,18 @@ def test_a_request_ended_before_its_swap_out_settled_leaves_nothing(model_dirs):
         engine.add_request(f"r{i}", p, PARAMS)
     for _ in range(200):
         engine.step()
-        if engine.swapper._outgoing:
+        if engine.runner.swapper._outgoing:
             break
-    out = next(iter(engine.swapper._outgoing.values()))
-    assert out.owner not in engine.swapper.store or not engine.swapper.store.num_items
-    engine.abort_request(out.seq.request_id)
-    assert not engine.swapper._outgoing and out.owner not in engine.swapper.store
+    out = next(iter(engine.runner.swapper._outgoing.values()))
+    seq = next(s for s in engine.requests.values() if s.swap_owner == out.owner)
+    assert not engine.runner.swapper.store.num_items
+    engine.abort_request(seq.request_id)
+    assert not engine.runner.swapper._outgoing and out.owner not in engine.runner.swapper.store
     done = _run(engine)
     for i, r in enumerate(ref):
-        if f"r{i}" != out.seq.request_id:
+        if f"r{i}" != seq.request_id:
             assert done[f"r{i}"] == r
-    assert not engine.swapper.channel.failed
+    assert not engine.runner.swapper.channel.failed
     assert_nothing_left(engine)
 
 
@@ -298,11 +316,11 @@ def test_aborting_a_request_sealed_ahead_relinquishes_it_and_the_rest_runs_on(mo
     engine = LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=12, block_size=8,
                                     cc="pipelined", preemption_mode="swap", num_decode_steps=1))
     seq, owner = _until_swapped(engine, prompts)
-    assert id(seq) in engine.swapper._staged                       # sealed ahead as the next swap-in
-    stats = engine.swapper.channel.pipeline.stats
+    assert seq.swap_owner in engine.runner.swapper._staged          # sealed ahead as the next swap-in
+    stats = engine.runner.swapper.channel.pipeline.stats
     relinquished = stats.relinquished
     engine.abort_request(seq.request_id)
-    assert stats.relinquished == relinquished + 1 and owner not in engine.swapper.store
+    assert stats.relinquished == relinquished + 1 and owner not in engine.runner.swapper.store
     assert engine.stats().crypto.relinquished == stats.relinquished
     done = {}
     while engine.has_unfinished_requests():
@@ -310,7 +328,7 @@ def test_aborting_a_request_sealed_ahead_relinquishes_it_and_the_rest_runs_on(mo
     for i, r in enumerate(ref):
         if f"r{i}" != seq.request_id:
             assert done[f"r{i}"] == r
-    assert not engine.swapper.channel.failed
+    assert not engine.runner.swapper.channel.failed
     assert_nothing_left(engine)
 
 

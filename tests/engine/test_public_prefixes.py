@@ -131,7 +131,7 @@ def test_swap_preemption_keeps_prefix_blocks_on_the_gpu(model_dirs):
     snapshot = prefix_snapshot(llm.engine)
     assert [o.token_ids for o in llm.generate(many, GREEDY)] == expected
     assert llm.engine.scheduler.num_swaps > 0
-    assert len(llm.engine.swapper.store) == 0
+    assert len(llm.engine.runner.swapper.store) == 0
     assert_only_prefix_left(llm.engine, snapshot)
 
 

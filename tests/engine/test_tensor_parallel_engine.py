@@ -152,7 +152,6 @@ def test_weight_estimate_counts_the_models_parameters(tiny_model_dir):
 
 @pytest.mark.parametrize("settings,match", [
     (dict(tensor_parallel_size=0), "tensor_parallel_size must be >= 1"),
-    (dict(tensor_parallel_size=2, cc="naive", preemption_mode="swap"), "only rank 0's slice of the KV would move"),
     (dict(tensor_parallel_size=2, device="cuda:1"), "choose GPUs with CUDA_VISIBLE_DEVICES"),
     (dict(tensor_parallel_size=2, tp_all_reduce="ring"), "tp_all_reduce must be one of nccl, peer"),
     (dict(tensor_parallel_size=3, device="cuda", tp_all_reduce="peer"), "peer runs on 2 GPUs"),
