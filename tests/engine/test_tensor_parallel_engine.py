@@ -73,6 +73,15 @@ def test_tp2_generates_what_tp1_generates(tiny_model_dir, family):
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.parametrize("kv_format", ["fp8", "K8V4"])
+def test_quantized_kv_formats_shard_by_head(tmp_path, kv_format):
+    """Every scale group lies inside one KV head, so each rank quantizes its heads as one process does."""
+    path = make_tiny_model_dir(tmp_path / "llama32", "llama", head_dim=32)   # int4 value groups: 32 channels
+    want, _ = generate(path, GREEDY, kv_format=kv_format)
+    got, _ = generate(path, GREEDY, kv_format=kv_format, tensor_parallel_size=2)
+    assert got == want
+
+
 def test_a_killed_worker_fails_the_requests_and_leaves_no_process(tiny_model_dir):
     llm = LLM(str(tiny_model_dir("llama")), device="cpu", tensor_parallel_size=2)
     engine = llm.engine
