@@ -159,9 +159,6 @@ class EngineConfig:
         if self.kv_importance not in IMPORTANCE_MODES:
             raise ValueError(f"--kv-importance must be one of {', '.join(IMPORTANCE_MODES)}, "
                              f"got {self.kv_importance!r}")
-        if r is not None and self.tensor_parallel_size > 1:
-            raise ValueError("--kv-sparsity does not yet run under tensor parallelism (each rank holds some KV heads, "
-                             "and the heads share one budget): drop it or use --tensor-parallel-size 1")
         if r is not None and (self.public_prefixes or self.enable_prefix_caching):
             raise ValueError("--kv-sparsity prunes tokens per request, but prefix blocks are shared by many requests: "
                              "drop --kv-sparsity, or the public prefixes / prefix caching")

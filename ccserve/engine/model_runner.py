@@ -281,8 +281,8 @@ class ModelRunner:
         if self.sparsity is None:
             return
         nd = meta.num_decode_tokens
-        prune(self.kv_cache.sparse, meta.decode_block_tables[:nd], meta.decode_seq_lens[:nd], self.sparsity)
-        prune(self.kv_cache.sparse, meta.prefill_block_tables, meta.prefill_seq_lens, self.sparsity)
+        prune(self.kv_cache.sparse, meta.decode_block_tables[:nd], meta.decode_seq_lens[:nd], self.sparsity, self.tp)
+        prune(self.kv_cache.sparse, meta.prefill_block_tables, meta.prefill_seq_lens, self.sparsity, self.tp)
 
     # ---- encrypted KV swap, on every rank (owners: the engine's numbers for swapped requests) --------------
 

@@ -23,6 +23,11 @@ def check_tensor_parallel_setup(config: EngineConfig) -> None:
     size = config.tensor_parallel_size
     hf_config = read_hf_config(config.model)
     check_tensor_parallel(hf_config, size)
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    if config.kv_sparsity is not None and kv_heads % size:
+        raise ValueError("--kv-sparsity shares each layer's budget over its KV heads, which this tensor-parallel "
+                         "size replicates (fewer KV heads than GPUs): drop --kv-sparsity or choose a "
+                         f"--tensor-parallel-size that divides num_key_value_heads ({kv_heads})")
     if config.torch_device.type != "cuda":
         return
     check_visible_gpus(size)

@@ -20,6 +20,10 @@ After every step, `prune` re-selects for each sequence of the step, per layer, o
   is shorter than sinks + window); these count against the budget, which never drops below them.
 - pruned stays pruned (the token's attention mass no longer accumulates, so it could not earn its way back).
 
+Under tensor parallelism each rank holds some KV heads; the global top-k still runs over all of a layer's heads:
+every rank all-gathers the step's scores and flags over the heads, selects as one process would, and keeps the
+selection of its own heads (so TP=N prunes what TP=1 prunes).
+
 Phase 1 keeps pruned tokens' memory allocated: the blocks stay in the sequence's table; freeing needs per-head
 block tables (unified paging, phase 2). Everything here is tensor ops without host reads, so it can run inside
 a multi-step decode window.
@@ -29,6 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ccserve.distributed.group import SINGLE, TensorParallelGroup
 
 IMPORTANCE_MODES = ("accumulated", "window")
 STATE_BYTES = 5     # per token, KV head and layer: a float32 score and a one-byte flag (cache sizing counts them)
@@ -89,8 +95,10 @@ def select(score: torch.Tensor, pruned: torch.Tensor, seq_lens: torch.Tensor, po
     return valid & ~was_pruned & ~keep
 
 
-def prune(state: SparseState, tables: torch.Tensor, seq_lens: torch.Tensor, policy: SparsityPolicy) -> None:
-    """Re-select the kept tokens of the sequences with these block tables [B, W] and lengths [B] (after a step)."""
+def prune(state: SparseState, tables: torch.Tensor, seq_lens: torch.Tensor, policy: SparsityPolicy,
+          tp: TensorParallelGroup = SINGLE) -> None:
+    """Re-select the kept tokens of the sequences with these block tables [B, W] and lengths [B] (after a step).
+    Under tensor parallelism every rank calls it for the same step (it runs collectives)."""
     if tables.shape[0] == 0:
         return
     num_layers, _, heads, block_size = state.pruned.shape
@@ -98,7 +106,11 @@ def prune(state: SparseState, tables: torch.Tensor, seq_lens: torch.Tensor, poli
     pruned = state.pruned.view(num_layers, -1)
     importance = state.importance.view(num_layers, -1)
     score = importance[:, idx]
-    newly = select(score, pruned[:, idx], seq_lens, policy)
+    if tp.size == 1:
+        newly = select(score, pruned[:, idx], seq_lens, policy)
+    else:
+        every = select(_all_heads(tp, score), _all_heads(tp, pruned[:, idx]), seq_lens, policy)
+        newly = every.narrow(2, tp.rank * heads, heads)
     layers = torch.arange(num_layers, device=idx.device)[:, None, None, None]
     index = (layers, idx[None].expand_as(newly))
     # Padding entries of a table repeat block 0, which may be another sequence's: add zeros there, never write.
@@ -106,6 +118,11 @@ def prune(state: SparseState, tables: torch.Tensor, seq_lens: torch.Tensor, poli
     if policy.importance == "window":
         valid = torch.arange(idx.shape[2], device=idx.device) < seq_lens.long()[:, None, None]
         importance.index_put_(index, -(score * valid), accumulate=True)
+
+
+def _all_heads(tp: TensorParallelGroup, x: torch.Tensor) -> torch.Tensor:
+    """[L, B, heads of this rank, N] -> [L, B, heads of every rank, N], in rank order (the heads' order)."""
+    return tp.all_gather(x.movedim(2, -1).contiguous()).movedim(-1, 2)
 
 
 def kept_share(state: SparseState, tables: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,24 @@ def test_small_ratio_prunes_within_budget_and_scrubs(model_dir):
         assert t.abs().sum() == 0
 
 
+@pytest.mark.parametrize("importance", ["accumulated", "window"])
+def test_tensor_parallel_prunes_what_one_process_prunes(model_dir, importance):
+    """TP=2 (rank 1 in a worker, gloo): each rank scores its KV heads, the layer's budget is still shared over all
+    heads (the step's scores and flags are all-gathered), so the tokens and logprobs are one process's."""
+    prompts = prompts_of(3, seed=5)
+    settings = dict(max_model_len=128, num_gpu_blocks=64, kv_sparsity=0.3, kv_recent_window=4, kv_sink_tokens=2,
+                    kv_importance=importance, device="cpu")
+    want = LLM(str(model_dir), **settings).generate(prompts, PARAMS)
+    llm = LLM(str(model_dir), tensor_parallel_size=2, **settings)
+    try:
+        got = llm.generate(prompts, PARAMS)
+    finally:
+        llm.close()
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids
+        assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=1e-4)
+
+
 @pytest.mark.parametrize("field,value,flag", [
     ("kv_sparsity", 0.0, "--kv-sparsity"), ("kv_sparsity", 1.5, "--kv-sparsity"),
     ("kv_sparsity", -0.1, "--kv-sparsity"),
@@ -79,11 +97,12 @@ def test_bad_flags_are_named(model_dir, field, value, flag):
         EngineConfig(model=str(model_dir), **{field: value})
 
 
-def test_gpu_tensor_parallel_and_shared_prefixes_are_refused(model_dir):
+def test_gpu_replicated_heads_and_shared_prefixes_are_refused(model_dir, tmp_path):
     config = EngineConfig(model=str(model_dir), kv_sparsity=0.5)
     with pytest.raises(ValueError, match="--kv-sparsity runs on the CPU only"):
         _sparsity_policy(config, torch.device("cuda"))
-    with pytest.raises(ValueError, match="--kv-sparsity does not yet run under tensor parallelism"):
-        EngineConfig(model=str(model_dir), kv_sparsity=0.5, tensor_parallel_size=2)
+    mqa = make_tiny_model_dir(tmp_path / "mqa", "llama", num_key_value_heads=1)   # TP=2 replicates its one head
+    with pytest.raises(ValueError, match="--kv-sparsity shares each layer's budget over its KV heads"):
+        LLM(str(mqa), kv_sparsity=0.5, tensor_parallel_size=2, device="cpu")
     with pytest.raises(ValueError, match="prefix blocks are shared"):
         EngineConfig(model=str(model_dir), kv_sparsity=0.5, public_prefixes=["You are a helpful assistant."])
