@@ -11,6 +11,8 @@
 #   swap     issue 6 row 1: B-pressure with swap preemption, off/naive/pipelined
 #   tp8      issue 10 (2 GPUs): Llama-3-8B engine at TP=2 (tiny-model check first), TP=1, TP=2 under --cc pipelined
 #   tp70     issue 10 (2 GPUs): Llama-3-70B engine at TP=2
+#   canary   issue 8: a prompt's marker searched in free GPU memory after the request, scrub of freed activations
+#            on and off
 #   tpmodel  issue 10 (2 GPUs): model-level decode/prefill times at TP=1/2, NCCL vs sealed collectives
 #   tpcc     issue 10 (2 GPUs): sealed collectives captured in graphs: model level at TP=2, then the engine rows
 #   tppeer   issue 10 (2 GPUs): the one-shot all-reduce over peer memory: model level at TP=2 (NCCL beside it),
@@ -48,6 +50,7 @@ for s in ${STAGES:-cc weights kv lora swap}; do
                  python3 bench/gpu_engine.py A-mixed C-decode ;;
         tp70) stage tp70 330 env MODEL=llama3-70b TP=2 SKIP_CHECK=1 SKIP_BATCH1=1 \
                   python3 bench/gpu_engine.py A-mixed C-decode ;;
+        canary) stage canary 120 python3 bench/gpu_canary.py ;;
         tpmodel) stage tpmodel 240 env CC_MODES=off,pipelined python3 bench/gpu_tp.py ;;
         tpcc) stage tpcc-model 200 env CC_MODES=off,pipelined SIZES=2 python3 bench/gpu_tp.py
               stage tpcc-engine 200 env TP=2 CC_MODE=pipelined SKIP_BATCH1=1 python3 bench/gpu_engine.py A-mixed C-decode ;;

@@ -25,6 +25,7 @@ from ccserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from ccserve.lora import AdapterCache, LoraIndex, build_lora
 from ccserve.models.loader import load_model
 from ccserve.sampling_params import SamplingParams
+from ccserve.privacy.free_memory import zero_cached_free_memory
 from ccserve.secure import IntegrityError, PendingHost
 
 if TYPE_CHECKING:
@@ -485,8 +486,8 @@ class ModelRunner:
         graphs' static inputs still hold the last batch's token ids and positions, and their memory pool its
         activations and output: the inputs are zeroed (slots -1: no KV write; lengths 0: no KV read) and each
         graph replayed since the last call runs once on them, writing token 0's activations over the request's.
-        Cached pinned host blocks (step arrays, sampled tokens) go back to the driver. Eager activations freed
-        into the CUDA caching allocator are not reached (docs/privacy.md). Nothing to do if no step ran since."""
+        Eager activations freed into the CUDA caching allocator are zeroed (privacy/free_memory.py). Cached pinned
+        host blocks (step arrays, sampled tokens) go back to the driver. Nothing to do if no step ran since."""
         if not self.ran_since_scrub:
             return
         self.ran_since_scrub = False
@@ -505,6 +506,7 @@ class ModelRunner:
             self.graphs_replayed.clear()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            zero_cached_free_memory(self.device)
             release_pinned = getattr(torch.accelerator, "empty_host_cache", None)   # not in every torch 2.x
             if release_pinned is not None:
                 release_pinned()

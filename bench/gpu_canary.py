@@ -1,0 +1,124 @@
+"""GPU canary for rule S (stateless computation): after a request ends and the engine is idle, its prompt must not
+be readable from GPU memory the process can reach. Checks the freed activations of eager steps, which
+ModelRunner.scrub_idle zeroes (privacy/free_memory.py), with that step and without it (the run without shows
+that the search finds the canary when it is there).
+
+The canary: a tiny random Llama in bf16 whose embedding rows of a few token ids are set to a marker (every element
+the bf16 value 0x4049, which random weights do not produce in long runs); a prompt of those ids makes eager
+prefill activations [tokens, hidden] of marker rows, freed after the first layer reads them. After the request:
+- "allocator": every free block of the caching allocator is allocated and searched for `hidden` consecutive
+  marker values (the same reach as the scrub);
+- "driver": the allocator's free segments go back to the driver (empty_cache) and as much memory as is free is
+  allocated in one piece and searched (memory the allocator can no longer hand out, seen from this process).
+Usage (GPU machine, repository root): python bench/gpu_canary.py   (OUT: directory for the JSON)
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ccserve.engine.model_runner as model_runner  # noqa: E402
+from ccserve import LLM, SamplingParams  # noqa: E402
+from ccserve.bench.throughput import commit, machine  # noqa: E402
+
+MARKER = 0x4049             # bf16 bits of 3.140625
+CANARY_IDS = [7, 11, 13]
+PROMPT_TOKENS = 2048        # eager prefill of 2048 marker rows: megabytes of activations
+SEARCH_CHUNK = 64 << 20
+
+
+def marker_runs(buf: torch.Tensor, run: int) -> int:
+    """Windows of `run` consecutive marker halfwords in a uint8 buffer (chunked: the cumsum needs memory)."""
+    words = buf[: buf.numel() // 2 * 2].view(torch.int16)
+    found = 0
+    for start in range(0, words.numel(), SEARCH_CHUNK):
+        eq = (words[start:start + SEARCH_CHUNK + run] == MARKER).to(torch.int32)
+        if eq.numel() <= run:
+            break
+        sums = eq.cumsum(0)
+        found += int(((sums[run:] - sums[:-run]) == run).sum())
+    return found
+
+
+def search_allocator(device: torch.device, run: int) -> tuple[int, int]:
+    """(bytes searched, marker runs) over the caching allocator's free blocks of the default pool."""
+    index = device.index or 0
+    sizes = sorted((b["size"] for s in torch.cuda.memory_snapshot() if s["device"] == index
+                    and tuple(s.get("segment_pool_id", (0, 0))) == (0, 0)
+                    for b in s["blocks"] if b["state"] == "inactive"), reverse=True)
+    held, searched, found = [], 0, 0
+    for size in sizes:
+        reserved = torch.cuda.memory_reserved(device)
+        block = torch.empty(size, dtype=torch.uint8, device=device)
+        if torch.cuda.memory_reserved(device) > reserved:
+            continue
+        held.append(block)
+        searched += size
+        found += marker_runs(block, run)
+    return searched, found
+
+
+def search_driver(device: torch.device, run: int) -> tuple[int, int]:
+    """(bytes searched, marker runs) over memory handed back to the driver and allocated again in one piece."""
+    torch.cuda.empty_cache()
+    free = torch.cuda.mem_get_info(device)[0] - (1 << 30)     # leave room for the search's own temporaries
+    block = torch.empty(max(free, 0), dtype=torch.uint8, device=device)
+    found = marker_runs(block, run)
+    del block
+    torch.cuda.empty_cache()
+    return free, found
+
+
+def run_mode(llm: LLM, scrub: bool, run: int) -> dict:
+    real = model_runner.zero_cached_free_memory
+    model_runner.zero_cached_free_memory = real if scrub else (lambda device: 0)
+    try:
+        prompt = (CANARY_IDS * PROMPT_TOKENS)[:PROMPT_TOKENS]
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        assert not llm.engine.has_unfinished_requests()     # idle: scrub_idle ran after the last step
+    finally:
+        model_runner.zero_cached_free_memory = real
+    device = llm.engine.runner.device
+    torch.cuda.synchronize(device)
+    a_bytes, a_found = search_allocator(device, run)
+    d_bytes, d_found = search_driver(device, run)
+    return dict(scrub=scrub, allocator_bytes=a_bytes, allocator_marker_runs=a_found, driver_bytes=d_bytes,
+                driver_marker_runs=d_found)
+
+
+def main() -> None:
+    from tests.tiny_models import make_tiny_model_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        path = make_tiny_model_dir(Path(tmp) / "llama", "llama", hidden_size=256, intermediate_size=512,
+                                   max_position_embeddings=4096)
+        llm = LLM(str(path), dtype="bfloat16", max_model_len=4096, max_num_batched_tokens=4096,
+                  gpu_memory_utilization=0.5)
+        runner = llm.engine.runner
+        embed = runner.model.model.embed_tokens.weight
+        with torch.no_grad():
+            embed[CANARY_IDS] = torch.tensor(MARKER, dtype=torch.int16, device=embed.device).view(torch.bfloat16)
+        hidden = embed.shape[1]
+        # With the scrub first: memory the "off" run leaves would still hold its markers when handed back to the
+        # driver, and a later driver search would find them.
+        results = [run_mode(llm, scrub=True, run=hidden), run_mode(llm, scrub=False, run=hidden)]
+        llm.close()
+    record = dict(machine=machine(), commit=commit(), prompt_tokens=PROMPT_TOKENS, hidden=hidden, results=results)
+    out = Path(os.environ.get("OUT", "bench/results"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_canary.json").write_text(json.dumps(record, indent=1))
+    print("| scrub of freed activations | allocator free MB searched | marker runs | driver-free MB | marker runs |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| {'on' if r['scrub'] else 'off'} | {r['allocator_bytes'] >> 20} | {r['allocator_marker_runs']} | "
+              f"{r['driver_bytes'] >> 20} | {r['driver_marker_runs']} |")
+
+
+if __name__ == "__main__":
+    main()
