@@ -293,7 +293,10 @@ class ModelRunner:
 
     def settle_swaps(self, until: int | None = None) -> list[tuple[int, IntegrityError]]:
         """Store the swap-outs that arrived (see KVSwapper.settle). A worker whose swap-out failed cannot answer
-        with the owner: it raises, and its exit ends the group."""
+        with the owner: it raises, and its exit ends the group. Nothing in flight here, nothing sent: a worker's
+        own unsettled swap-outs wait for their swap-in or end, which settle them."""
+        if not self.swapper.in_flight:
+            return []
         self._send(("settle_swaps", until))
         failed = self.swapper.settle(until)
         if failed and self.peers is None and self.tp.rank > 0:
@@ -302,7 +305,11 @@ class ModelRunner:
         return failed
 
     def swap_in(self, owner: int, block_ids: list[int]) -> None:
+        """Rank 0 has settled up to this owner already (LLMEngine._settle_swaps); a worker settles its own here,
+        and one of its swap-outs that failed ends it (and the group)."""
         self._send(("swap_in", owner, block_ids))
+        for _, exc in self.swapper.settle(until=owner):
+            raise exc
         self.swapper.swap_in(owner, block_ids)
 
     def prefetch_swaps(self, owners: list[int]) -> None:

@@ -79,6 +79,11 @@ class KVSwapper:
         self._outgoing[owner] = Outgoing(owner, self.channel.to_host_async(data))
         self.swapped_out_bytes += data.nbytes
 
+    @property
+    def in_flight(self) -> int:
+        """Swap-outs not yet settled."""
+        return len(self._outgoing)
+
     def settle(self, until: int | None = None) -> list[tuple[int, IntegrityError]]:
         """Store the swap-outs whose message has reached the host, oldest first; with `until`, wait for every
         swap-out up to and including that owner's. Returns the owners whose KV could not leave intact (the message
