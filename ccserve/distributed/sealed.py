@@ -83,6 +83,11 @@ class SealedTensorParallelGroup:
         """Delegated unsealed: a KV block count is sizing, not request data."""
         return self._plain.min_over_ranks(value, device)
 
+    def mark_failed(self) -> None:
+        """Something this rank received for the group failed authentication outside the collectives (a worker's KV
+        swap message): the flag travels to rank 0 like a failed collective's, and fails the step there."""
+        self.failed.fill_(1)
+
     def checkpoint(self) -> LinksCheck:
         """Snapshot the failed flag after the work enqueued so far, without waiting for it: verify(check) then
         waits for that work only, not for work enqueued later (a decode window continued on the device)."""

@@ -286,41 +286,54 @@ class ModelRunner:
         prune(self.kv_cache.sparse, meta.prefill_block_tables, meta.prefill_seq_lens, self.sparsity, self.tp)
 
     # ---- encrypted KV swap, on every rank (owners: the engine's numbers for swapped requests) --------------
+    # Rank 0's engine ends a request whose swap failed. A worker cannot: it marks its sealed links failed, which
+    # reaches rank 0 with the step's next collective and fails the step there (the group ends). Exiting instead
+    # would leave rank 0 waiting inside a collective. (Swap needs --cc, so a group that swaps is sealed.)
 
     def swap_out(self, owner: int, block_ids: list[int]) -> None:
         self._send(("swap_out", owner, block_ids))
         self.swapper.swap_out(owner, block_ids)
+        self._settle_on_worker()
 
     def settle_swaps(self, until: int | None = None) -> list[tuple[int, IntegrityError]]:
-        """Store the swap-outs that arrived (see KVSwapper.settle). A worker whose swap-out failed cannot answer
-        with the owner: it raises, and its exit ends the group. Nothing in flight here, nothing sent: a worker's
-        own unsettled swap-outs wait for their swap-in or end, which settle them."""
-        if not self.swapper.in_flight:
-            return []
-        self._send(("settle_swaps", until))
+        """Rank 0: store the swap-outs that arrived (KVSwapper.settle); returns the owners whose KV did not arrive
+        intact. The workers settle after each swap command instead, so nothing is sent."""
         failed = self.swapper.settle(until)
-        if failed and self.peers is None and self.tp.rank > 0:
-            raise failed[0][1]
         self.swapper.reset_if_failed()
         return failed
 
     def swap_in(self, owner: int, block_ids: list[int]) -> None:
-        """Rank 0 has settled up to this owner already (LLMEngine._settle_swaps); a worker settles its own here,
-        and one of its swap-outs that failed ends it (and the group)."""
+        """Rank 0 has settled up to this owner already (LLMEngine._settle_swaps); a worker settles here."""
         self._send(("swap_in", owner, block_ids))
-        for _, exc in self.swapper.settle(until=owner):
-            raise exc
-        self.swapper.swap_in(owner, block_ids)
+        if self.tp.rank == 0:
+            self.swapper.swap_in(owner, block_ids)
+            return
+        try:
+            for _, exc in self.swapper.settle(until=owner):
+                raise exc
+            self.swapper.swap_in(owner, block_ids)
+        except IntegrityError:
+            self._worker_swap_failed()
 
     def prefetch_swaps(self, owners: list[int]) -> None:
         self._send(("prefetch_swaps", owners))
         self.swapper.prefetch(owners)
+        self._settle_on_worker()
 
     def end_swap(self, owner: int) -> None:
         """Also when the group is lost (requests end then): the workers ended with their memory."""
         if self.peers is not None and self.peers.alive:
             self.peers.send(("end_swap", owner))
         self.swapper.end(owner)
+        self._settle_on_worker()    # end() may have opened earlier swap-outs: store them now, not later
+
+    def _settle_on_worker(self) -> None:
+        if self.tp.rank > 0 and self.swapper.settle():
+            self._worker_swap_failed()
+
+    def _worker_swap_failed(self) -> None:
+        self.tp.mark_failed()
+        self.swapper.reset_if_failed()
 
     def load_adapters(self, names: set[str], upcoming: list[str]) -> None:
         """Make the next batch's adapters resident on every rank (each holds its slice of them; the same calls in

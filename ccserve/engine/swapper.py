@@ -73,16 +73,12 @@ class KVSwapper:
     def swap_out(self, owner: int, block_ids: list[int]) -> None:
         """Start moving the blocks' contents to the host store (the caller may free and scrub the blocks at once:
         they were copied on the compute stream); `settle` stores them."""
+        self.reset_if_failed()
         if owner not in self.store:
             self.store.open(owner)
         data = self.cache.gather(block_ids)
         self._outgoing[owner] = Outgoing(owner, self.channel.to_host_async(data))
         self.swapped_out_bytes += data.nbytes
-
-    @property
-    def in_flight(self) -> int:
-        """Swap-outs not yet settled."""
-        return len(self._outgoing)
 
     def settle(self, until: int | None = None) -> list[tuple[int, IntegrityError]]:
         """Store the swap-outs whose message has reached the host, oldest first; with `until`, wait for every
@@ -109,6 +105,7 @@ class KVSwapper:
 
     def prefetch(self, owners: list[int]) -> None:
         """These swapped requests come back next, in this order: seal them ahead (pipelined mode only)."""
+        self.reset_if_failed()
         channel = self.channel
         if channel.pipeline is None:
             return
@@ -125,6 +122,7 @@ class KVSwapper:
         it may be swapped out again). Its swap-out must have settled."""
         if owner in self._outgoing:
             raise RuntimeError("swap_in before the request's swap-out settled: call settle(until=owner) first")
+        self.reset_if_failed()
         plain = self._staged.pop(owner, None)
         if plain is None:
             plain = self.store.get(owner, ITEM)
@@ -150,6 +148,7 @@ class KVSwapper:
                 self.channel.hint(Forget((ITEM, owner)))
             plain.zero_()
         self.store.end(owner)
+        self.reset_if_failed()      # its message may have failed (swallowed above): the next swap needs new keys
 
     def reset_if_failed(self) -> None:
         """A channel that failed an integrity check stays closed (its lock-step IVs can no longer be trusted):

@@ -82,7 +82,7 @@ def serve(runner: ModelRunner, conn: Connection) -> None:
             tail = (outputs[-1].token_ids, positions)
         elif command == "adapters":
             runner.load_adapters(*args)
-        elif command in ("swap_out", "settle_swaps", "swap_in", "prefetch_swaps", "end_swap"):
+        elif command in ("swap_out", "swap_in", "prefetch_swaps", "end_swap"):
             getattr(runner, command)(*args)
         elif command == "scrub":
             runner.scrub(*args)

@@ -295,6 +295,35 @@ def test_a_request_ended_before_its_swap_out_settled_leaves_nothing(model_dirs):
     assert_nothing_left(engine)
 
 
+def test_a_tampered_swap_out_of_an_aborted_request_re_keys_and_swapping_goes_on(model_dirs):
+    """The request is aborted while its altered swap-out is in flight: opening it (to keep the IVs in step) fails,
+    which is swallowed since the request is gone; the swap channel re-keys and later preemptions swap as usual."""
+    path = str(model_dirs["llama"])
+    prompts = prompts_of(6, seed=3)
+    ref = tokens(LLM(path, max_model_len=96, num_gpu_blocks=80, block_size=8), prompts)
+    engine = _swap_engine(path)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, PARAMS)
+    swapper = engine.runner.swapper
+    for _ in range(200):
+        engine.step()
+        if swapper._outgoing:
+            break
+    first = swapper.channel
+    out = next(iter(swapper._outgoing.values()))
+    out.message.sealed.wire[3] ^= 0x40
+    seq = next(s for s in engine.requests.values() if s.swap_owner == out.owner)
+    swaps = engine.scheduler.num_swaps
+    engine.abort_request(seq.request_id)
+    assert swapper.channel is not first and not swapper.channel.failed
+    done = _run(engine)
+    assert engine.scheduler.num_swaps > swaps        # swapping went on, on the new keys
+    for i, r in enumerate(ref):
+        if f"r{i}" != seq.request_id:
+            assert done[f"r{i}"] == r
+    assert_nothing_left(engine)
+
+
 def test_cc_settings_are_validated(model_dirs):
     path = str(model_dirs["llama"])
     with pytest.raises(ValueError, match="--cc"):
