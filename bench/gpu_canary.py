@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ccserve.engine.model_runner as model_runner  # noqa: E402
 from ccserve import LLM, SamplingParams  # noqa: E402
 from ccserve.bench.throughput import commit, machine  # noqa: E402
+from ccserve.privacy.free_memory import take_free_blocks  # noqa: E402
 
 MARKER = 0x4049             # bf16 bits of 3.140625
 CANARY_IDS = [7, 11, 13]
@@ -48,21 +49,10 @@ def marker_runs(buf: torch.Tensor, run: int) -> int:
 
 
 def search_allocator(device: torch.device, run: int) -> tuple[int, int]:
-    """(bytes searched, marker runs) over the caching allocator's free blocks of the default pool."""
-    index = device.index or 0
-    sizes = sorted((b["size"] for s in torch.cuda.memory_snapshot() if s["device"] == index
-                    and tuple(s.get("segment_pool_id", (0, 0))) == (0, 0)
-                    for b in s["blocks"] if b["state"] == "inactive"), reverse=True)
-    held, searched, found = [], 0, 0
-    for size in sizes:
-        reserved = torch.cuda.memory_reserved(device)
-        block = torch.empty(size, dtype=torch.uint8, device=device)
-        if torch.cuda.memory_reserved(device) > reserved:
-            continue
-        held.append(block)
-        searched += size
-        found += marker_runs(block, run)
-    return searched, found
+    """(bytes searched, marker runs) over the caching allocator's free blocks of the default pool (the scrub's
+    reach: privacy/free_memory.py)."""
+    taken = take_free_blocks(device)
+    return sum(b.numel() for b in taken), sum(marker_runs(b, run) for b in taken)
 
 
 def search_driver(device: torch.device, run: int) -> tuple[int, int]:
