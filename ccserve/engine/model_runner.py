@@ -339,7 +339,15 @@ class ModelRunner:
         """Make the next batch's adapters resident on every rank (each holds its slice of them; the same calls in
         the same order give every rank the same slots), then hint the adapters the waiting queue needs next."""
         self._send(("adapters", names, upcoming))
-        self.lora.activate(names)
+        try:
+            self.lora.activate(names)
+        except IntegrityError:
+            if self.tp.rank == 0:
+                raise
+            # A worker marks its sealed links failed (adapter loads are sealed only under --cc, which seals the
+            # group): the step fails on rank 0 with the next collective instead of this worker exiting mid-step.
+            self.tp.mark_failed()
+            self.lora.reset_if_failed()
         self.lora.prefetch(upcoming)
 
     def _send(self, command: tuple) -> None:
