@@ -56,8 +56,10 @@ def take_free_blocks(device: torch.device) -> list[torch.Tensor]:
     reserved = torch.cuda.memory_reserved(device)
     taken = []
     for piece in free_blocks(device):
+        stream = (torch.cuda.default_stream(device) if piece.stream == 0
+                  else torch.cuda.ExternalStream(piece.stream, device=device))
         try:
-            with torch.cuda.stream(torch.cuda.ExternalStream(piece.stream, device=device)):
+            with torch.cuda.stream(stream):
                 block = torch.empty(piece.size, dtype=torch.uint8, device=device)
         except torch.OutOfMemoryError:
             continue
