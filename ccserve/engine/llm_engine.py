@@ -120,6 +120,8 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions, prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
             kv_capacity_tokens=self.pool.num_blocks * self.config.block_size,
+            kv_format_compression=self.runner.kv_format_compression,
+            kv_kept_share=self.runner.kept_share(self.scheduler.running),
             lora_loads=self.runner.lora.loads if self.runner.lora else 0,
             lora_hits=self.runner.lora.hits if self.runner.lora else 0,
             num_public_prefix_blocks=self.prefix_cache.num_blocks,

@@ -19,7 +19,7 @@ from ccserve.engine.swapper import KVSwapper
 from ccserve.engine.weight_stream import WeightStream, attach_weight_stream
 from ccserve.kv.cache import KVCache
 from ccserve.kv.formats import kv_format
-from ccserve.kv.sparsity import STATE_BYTES, SparsityPolicy, prune
+from ccserve.kv.sparsity import STATE_BYTES, SparsityPolicy, kept_share, prune
 from ccserve.layers.attention import Attention, AttentionMetadata
 from ccserve.layers.sampler import Sampler, SamplerOutput, SamplingBatch
 from ccserve.lora import AdapterCache, LoraIndex, build_lora
@@ -540,6 +540,23 @@ class ModelRunner:
                 release_pinned()
 
     # ---- sizing the KV cache ---------------------------------------------------------------------------
+
+    @property
+    def kv_format_compression(self) -> float:
+        """Model-dtype K and V bytes per token over the cache format's (scales and zero points included)."""
+        dim = self.kv_shape[3]
+        return 2 * dim * self.dtype.itemsize / self.kv_format.bytes_per_token(dim, self.block_size, self.dtype.itemsize)
+
+    def kept_share(self, seqs: list[Sequence]) -> float:
+        """--kv-sparsity: the share of these requests' cached (token, layer, head) entries still kept (1.0 without
+        sparsity or requests), over all of them together (this rank's KV heads): an aggregate, for /metrics."""
+        seqs = [s for s in seqs if s.num_computed_tokens and s.block_ids]
+        if self.sparsity is None or not seqs:
+            return 1.0
+        tables = torch.as_tensor(_pad_tables([s.block_ids for s in seqs]), device=self.device)
+        lens = torch.tensor([s.num_computed_tokens for s in seqs], device=self.device)
+        shares = kept_share(self.kv_cache.sparse, tables, lens)
+        return float((shares * lens).sum() / lens.sum())
 
     def _bytes_per_block(self) -> int:
         """K and V of one block in all layers, in the cache's format (scales and zero points included)."""

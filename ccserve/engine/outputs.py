@@ -50,6 +50,8 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     kv_capacity_tokens: int = 0     # tokens the KV cache holds in its format (blocks * block_size)
+    kv_format_compression: float = 1.0  # model-dtype KV bytes per token over the --kv-format's (scales included)
+    kv_kept_share: float = 1.0      # --kv-sparsity: share of the running requests' cached (token, head) entries kept
     lora_loads: int = 0             # LoRA adapters moved into the GPU adapter cache
     lora_hits: int = 0              # batches' adapters found already resident
     num_public_prefix_blocks: int = 0   # KV blocks the public prefix cache holds for the process lifetime

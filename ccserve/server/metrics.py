@@ -43,6 +43,10 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily("ccserve_kv_blocks_total", "KV-cache blocks", value=s.num_total_blocks)
         yield GaugeMetricFamily("ccserve_kv_capacity_tokens", "Tokens the KV cache holds in its format (--kv-format)",
                                 value=s.kv_capacity_tokens)
+        yield GaugeMetricFamily("ccserve_kv_format_compression", "Model-dtype KV bytes per token over the "
+                                "--kv-format's, scales included", value=s.kv_format_compression)
+        yield GaugeMetricFamily("ccserve_kv_kept_share", "Share of the running requests' cached token entries "
+                                "per KV head still kept (--kv-sparsity; 1 without)", value=s.kv_kept_share)
         yield CounterMetricFamily("ccserve_lora_adapter_loads", "LoRA adapters moved into the GPU adapter cache",
                                   value=s.lora_loads)
         yield CounterMetricFamily("ccserve_lora_cache_hits", "Batch adapters found resident in the GPU adapter cache",

@@ -90,6 +90,8 @@ def test_format_sizes_the_cache_and_reports_capacity(model_dir):
     # float32 on the CPU: 8 bytes of K+V per channel against 0.75 (int4 keys + scales) ... (int2 values + scales)
     assert base.runner._bytes_per_block() > 5 * k4v2.runner._bytes_per_block()
     assert k4v2.stats().kv_capacity_tokens == 20 * 16
+    ratio = base.runner._bytes_per_block() / k4v2.runner._bytes_per_block()
+    assert k4v2.stats().kv_format_compression == pytest.approx(ratio) and base.stats().kv_format_compression == 1.0
 
 
 def test_bad_formats_are_named(model_dir, tmp_path):

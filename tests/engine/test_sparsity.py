@@ -59,7 +59,17 @@ def test_small_ratio_prunes_within_budget_and_scrubs(model_dir):
                 seen.append(int((pruned != 0).sum()))
 
     runner.apply_sparsity = checked
+    shares = []
+    original_step = llm.engine.step
+
+    def step():
+        outputs = original_step()
+        shares.append(llm.engine.stats().kv_kept_share)     # what /metrics reports
+        return outputs
+
+    llm.engine.step = step
     outs = llm.generate(prompts_of(5, seed=3), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    assert all(0 < s <= 1 for s in shares) and min(shares) < 0.6       # long sequences keep about R = 0.25
     assert all(len(o.token_ids) == 30 for o in outs)
     assert max(seen) > 0
     stats = llm.engine.stats()

@@ -112,6 +112,7 @@ def test_models_health_metrics(server: LiveServer) -> None:
     assert metric(text, "ccserve_generation_tokens_total") >= 3
     assert metric(text, "ccserve_kv_blocks_total") == 48
     assert metric(text, "ccserve_kv_capacity_tokens") == 48 * server.engine.config.block_size
+    assert metric(text, "ccserve_kv_format_compression") == 1.0 == metric(text, "ccserve_kv_kept_share")
     assert metric(text, "ccserve_time_to_first_token_seconds_count") >= 1
     assert metric(text, "ccserve_cc_h2d_bytes_total") == 0 == metric(text, "ccserve_cc_wait_seconds_total")  # cc off
 
