@@ -24,6 +24,7 @@ def test_bench_writes_result_with_machine_commit_settings(model_dir, tmp_path):
     (result_file,) = tmp_path.glob("throughput-*.json")
     result = json.loads(result_file.read_text())
     assert {"machine", "commit", "settings", "results"} <= result.keys()
+    assert result["kv_capacity_tokens"] == 1024 * 16 and result["kv_format_compression"] == 1.0
     run = result["results"]["C-decode"]
     assert run["out_tok"] == 64 * 32 and run["output_tok_s"] > 0  # 160 - 128 prompt tokens each
 

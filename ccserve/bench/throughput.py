@@ -44,7 +44,9 @@ def run(model: str, workloads: list[str], out_dir: str | None, repeats: int = 1,
     llm = LLM(model, **engine_kwargs)
     result = dict(machine=machine(), commit=commit(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   model=Path(model).name, settings=dict(engine_kwargs, num_kv_blocks=llm.engine.runner.num_blocks,
-                                                        max_model_len=llm.engine.max_model_len), results={})
+                                                        max_model_len=llm.engine.max_model_len),
+                  kv_capacity_tokens=llm.engine.stats().kv_capacity_tokens,
+                  kv_format_compression=round(llm.engine.runner.kv_format_compression, 3), results={})
     for name in workloads:
         result["results"][name] = run_workload(llm, name, repeats)
         print(name, json.dumps(result["results"][name]), flush=True)
