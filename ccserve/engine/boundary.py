@@ -14,6 +14,7 @@ import torch
 
 from ccserve.config import EngineConfig
 from ccserve.secure import Channel, PendingHost
+from ccserve.secure.rekeying import RekeyingChannel
 from ccserve.secure.totals import CryptoTotals
 
 STEP_KEY = ("step",)
@@ -23,12 +24,16 @@ ALIGN = 8   # every array starts at a multiple of 8 bytes, so int64 / float32 vi
 class Boundary:
     def __init__(self, config: EngineConfig, device: torch.device) -> None:
         self.config, self.device = config, device
-        self.channel: Channel | None = self._new_channel() if config.cc != "off" else None
-        self.retired = CryptoTotals()       # counters of channels closed by a re-key
+        self._channels = RekeyingChannel(self._new_channel) if config.cc != "off" else None
+
+    @property
+    def channel(self) -> Channel | None:
+        """The step channel in use (None with --cc off)."""
+        return None if self._channels is None else self._channels.channel
 
     @property
     def cc(self) -> bool:
-        return self.channel is not None
+        return self._channels is not None
 
     def _new_channel(self) -> Channel:
         """Fresh session keys and IV streams. Nothing to predict: step messages exist only when they are sent (KV
@@ -36,19 +41,13 @@ class Boundary:
         return Channel(self.device, mode=self.config.cc, threads=self.config.cc_threads)
 
     def reset_if_failed(self) -> None:
-        """A channel that failed an integrity check stays closed (its lock-step IVs can no longer be trusted):
-        re-key with a new one so that the requests not in the failed message continue."""
-        if self.channel is not None and self.channel.failed:
-            self.retired.add_channel(self.channel)
-            self.channel.close()
-            self.channel = self._new_channel()
+        """Re-key after an integrity failure, so that the requests not in the failed message continue."""
+        if self._channels is not None:
+            self._channels.reset_if_failed()
 
     def totals(self) -> CryptoTotals:
         """Crypto counters of this boundary (step messages, sampled tokens) since the engine started."""
-        totals = CryptoTotals()
-        totals.add(self.retired)
-        totals.add_channel(self.channel)
-        return totals
+        return CryptoTotals() if self._channels is None else self._channels.totals()
 
     def to_device(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
         """The step's host arrays on the device: one copy each (cc off), or one authenticated message (cc)."""
@@ -80,8 +79,8 @@ class Boundary:
         return self.channel.to_host_async(tensor)
 
     def close(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
+        if self._channels is not None:
+            self._channels.close()
 
 
 def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -42,6 +42,7 @@ from ccserve.secure import (
     SwapOut,
     WorkerPool,
 )
+from ccserve.secure.rekeying import RekeyingChannel
 from ccserve.secure.totals import CryptoTotals
 
 ITEM = "kv"
@@ -62,8 +63,7 @@ class KVSwapper:
     def __init__(self, cache: KVCache, mode: str, threads: int, device: torch.device) -> None:
         """mode: the channel's (naive or pipelined; swap needs --cc)."""
         self.cache, self.mode, self.threads, self.device = cache, mode, threads, device
-        self.channel = self._new_channel()
-        self.retired = CryptoTotals()               # counters of channels closed by a re-key
+        self._channels = RekeyingChannel(self._new_channel)
         self.store = HostStore(WorkerPool(threads))
         self._staged: dict[int, torch.Tensor] = {}  # owner -> plaintext opened ahead (pipelined prefetch)
         self._outgoing: dict[int, Outgoing] = {}    # owner -> swap-out not yet stored, in the channel's order
@@ -150,23 +150,22 @@ class KVSwapper:
         self.store.end(owner)
         self.reset_if_failed()      # its message may have failed (swallowed above): the next swap needs new keys
 
+    @property
+    def channel(self) -> Channel:
+        """The swap channel in use."""
+        return self._channels.channel
+
     def reset_if_failed(self) -> None:
-        """A channel that failed an integrity check stays closed (its lock-step IVs can no longer be trusted):
-        re-key with a new one. Swap-outs still in the old one are lost (settle ends their requests)."""
-        if self.channel.failed:
-            self.retired.add_channel(self.channel)
-            self.channel.close()
-            self.channel = self._new_channel()
+        """Re-key after an integrity failure. Swap-outs still in the old channel are lost (settle ends their
+        requests)."""
+        self._channels.reset_if_failed()
 
     def totals(self) -> CryptoTotals:
         """Crypto counters of KV swap since the engine started."""
-        totals = CryptoTotals()
-        totals.add(self.retired)
-        totals.add_channel(self.channel)
-        return totals
+        return self._channels.totals()
 
     def close(self) -> None:
-        self.channel.close()
+        self._channels.close()
         self.store.pool.close()
 
     def _new_channel(self) -> Channel:

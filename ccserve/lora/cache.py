@@ -19,6 +19,7 @@ import torch
 from ccserve.layers.lora import LoraTarget
 from ccserve.lora.adapter import LoraAdapter
 from ccserve.secure import Channel, Schedule, SchedulePredictor
+from ccserve.secure.rekeying import RekeyingChannel
 from ccserve.secure.totals import CryptoTotals
 
 
@@ -33,24 +34,26 @@ class AdapterCache:
         self.packed = {a.name: _pack(a, targets) for a in adapters}
         self.layouts = {a.name: [(m, *(t.shape for t in a.weights[m])) for m in targets if m in a.weights]
                         for a in adapters}
-        self.channel: Channel | None = None
-        self.retired = CryptoTotals()       # counters of channels closed by a re-key
-        self._open_channel()
+        self._channels = RekeyingChannel(self._new_channel) if cc != "off" else None
         self.loads = 0
         self.hits = 0
 
-    def _open_channel(self) -> None:
+    def _new_channel(self) -> Channel:
         """A fresh channel (new keys, IVs from zero) with every adapter's host buffer registered under its name."""
-        if self.cc == "off":
-            return
-        self.channel = Channel(self.device, mode=self.cc, threads=self.threads, predictor=SchedulePredictor())
+        channel = Channel(self.device, mode=self.cc, threads=self.threads, predictor=SchedulePredictor())
         for name, buffer in self.packed.items():
-            self.channel.register(buffer, key=_key(name))
+            channel.register(buffer, key=_key(name))
+        return channel
+
+    @property
+    def channel(self) -> Channel | None:
+        """The adapter channel in use (None with --cc off)."""
+        return None if self._channels is None else self._channels.channel
 
     def close(self) -> None:
         """Zeroize the adapter channel's keys and stop its workers (the engine is closing)."""
-        if self.channel is not None:
-            self.channel.close()
+        if self._channels is not None:
+            self._channels.close()
 
     def slot(self, name: str | None) -> int:
         """The slot a resident adapter occupies; -1 for no adapter."""
@@ -72,19 +75,14 @@ class AdapterCache:
             self.channel.hint(Schedule(tuple(_key(n) for n in upcoming if n not in self.resident)))
 
     def reset_if_failed(self) -> None:
-        """After an integrity failure the channel is closed for good: re-key. The adapter whose message failed
-        was never marked resident, so its next use loads it again."""
-        if self.channel is not None and self.channel.failed:
-            self.retired.add_channel(self.channel)
-            self.channel.close()
-            self._open_channel()
+        """Re-key after an integrity failure. The adapter whose message failed was never marked resident, so its
+        next use loads it again."""
+        if self._channels is not None:
+            self._channels.reset_if_failed()
 
     def totals(self) -> CryptoTotals:
         """Crypto counters of adapter loads since start (closed channels included)."""
-        totals = CryptoTotals()
-        totals.add(self.retired)
-        totals.add_channel(self.channel)
-        return totals
+        return CryptoTotals() if self._channels is None else self._channels.totals()
 
     def _free_slot(self, keep: set[str]) -> int:
         used = set(self.resident.values())
