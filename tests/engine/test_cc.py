@@ -174,6 +174,37 @@ def test_auto_swaps_long_requests_and_recomputes_short_ones(model_dirs):
     assert_nothing_left(llm.engine)
 
 
+def _swap_engine(path: str, cc: str = "naive") -> LLMEngine:
+    return LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=12, block_size=8, cc=cc,
+                                  preemption_mode="swap", num_decode_steps=1))
+
+
+def _run(engine: LLMEngine) -> dict[str, list[int]]:
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    return done
+
+
+def _others_as_before(done: dict[str, list[int]], ref: list[list[int]], ended: str) -> None:
+    """Every request but `ended` finished with its reference tokens."""
+    for i, r in enumerate(ref):
+        if f"r{i}" != ended:
+            assert done[f"r{i}"] == r
+
+
+def _until_swap_out_in_flight(engine: LLMEngine, prompts) -> tuple:
+    """(the swap-out not yet settled, its request) at the first step that leaves one in flight."""
+    for i, p in enumerate(prompts):
+        engine.add_request(f"r{i}", p, PARAMS)
+    for _ in range(200):
+        engine.step()
+        if engine.runner.swapper._outgoing:
+            out = next(iter(engine.runner.swapper._outgoing.values()))
+            return out, next(s for s in engine.requests.values() if s.swap_owner == out.owner)
+    raise AssertionError("no swap-out was left in flight: the pool is not small enough")
+
+
 def _until_swapped(engine: LLMEngine, prompts) -> tuple:
     for i, p in enumerate(prompts):
         engine.add_request(f"r{i}", p, PARAMS)
@@ -188,9 +219,7 @@ def _until_swapped(engine: LLMEngine, prompts) -> tuple:
 
 
 def test_swapped_kv_is_ciphertext_and_shredded_when_the_request_ends(model_dirs):
-    path = str(model_dirs["llama"])
-    engine = LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=12, block_size=8, cc="naive",
-                                    preemption_mode="swap", num_decode_steps=1))
+    engine = _swap_engine(str(model_dirs["llama"]))
     seq, owner = _until_swapped(engine, prompts_of(6, seed=3))
     store = engine.runner.swapper.store
     plain = store.get(owner, "kv").view(torch.uint8)
@@ -210,30 +239,13 @@ def test_a_tampered_host_pool_fails_only_that_request(model_dirs):
     path = str(model_dirs["llama"])
     prompts = prompts_of(6, seed=3)
     ref = tokens(LLM(path, max_model_len=96, num_gpu_blocks=80, block_size=8), prompts)
-    engine = LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=12, block_size=8, cc="naive",
-                                    preemption_mode="swap", num_decode_steps=1))
+    engine = _swap_engine(path)
     seq, owner = _until_swapped(engine, prompts)
     engine.runner.swapper.store.ciphertext(owner, "kv")[5] ^= 1
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+    done = _run(engine)
     assert seq.finish_reason == "error" and seq.request_id not in done
-    for i, r in enumerate(ref):
-        if f"r{i}" != seq.request_id:
-            assert done[f"r{i}"] == r
+    _others_as_before(done, ref, seq.request_id)
     assert_nothing_left(engine)
-
-
-def _swap_engine(path: str, cc: str = "naive") -> LLMEngine:
-    return LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=12, block_size=8, cc=cc,
-                                  preemption_mode="swap", num_decode_steps=1))
-
-
-def _run(engine: LLMEngine) -> dict[str, list[int]]:
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
-    return done
 
 
 def test_a_tampered_swap_out_fails_only_its_request(model_dirs):
@@ -263,9 +275,7 @@ def test_a_tampered_swap_out_fails_only_its_request(model_dirs):
     assert flipped and len(failed) == 1 and failed[0].request_id not in done
     assert first.failed and engine.runner.swapper.channel is not first
     assert engine.runner.boundary.channel is steps and not steps.failed
-    for i, r in enumerate(ref):
-        if f"r{i}" != failed[0].request_id:
-            assert done[f"r{i}"] == r
+    _others_as_before(done, ref, failed[0].request_id)
     assert_nothing_left(engine)
 
 
@@ -276,21 +286,12 @@ def test_a_request_ended_before_its_swap_out_settled_leaves_nothing(model_dirs):
     prompts = prompts_of(6, seed=3)
     ref = tokens(LLM(path, max_model_len=96, num_gpu_blocks=80, block_size=8), prompts)
     engine = _swap_engine(path)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, PARAMS)
-    for _ in range(200):
-        engine.step()
-        if engine.runner.swapper._outgoing:
-            break
-    out = next(iter(engine.runner.swapper._outgoing.values()))
-    seq = next(s for s in engine.requests.values() if s.swap_owner == out.owner)
+    out, seq = _until_swap_out_in_flight(engine, prompts)
     assert not engine.runner.swapper.store.num_items
     engine.abort_request(seq.request_id)
     assert not engine.runner.swapper._outgoing and out.owner not in engine.runner.swapper.store
     done = _run(engine)
-    for i, r in enumerate(ref):
-        if f"r{i}" != seq.request_id:
-            assert done[f"r{i}"] == r
+    _others_as_before(done, ref, seq.request_id)
     assert not engine.runner.swapper.channel.failed
     assert_nothing_left(engine)
 
@@ -302,25 +303,16 @@ def test_a_tampered_swap_out_of_an_aborted_request_re_keys_and_swapping_goes_on(
     prompts = prompts_of(6, seed=3)
     ref = tokens(LLM(path, max_model_len=96, num_gpu_blocks=80, block_size=8), prompts)
     engine = _swap_engine(path)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"r{i}", p, PARAMS)
+    out, seq = _until_swap_out_in_flight(engine, prompts)
     swapper = engine.runner.swapper
-    for _ in range(200):
-        engine.step()
-        if swapper._outgoing:
-            break
     first = swapper.channel
-    out = next(iter(swapper._outgoing.values()))
     out.message.sealed.wire[3] ^= 0x40
-    seq = next(s for s in engine.requests.values() if s.swap_owner == out.owner)
     swaps = engine.scheduler.num_swaps
     engine.abort_request(seq.request_id)
     assert swapper.channel is not first and not swapper.channel.failed
     done = _run(engine)
     assert engine.scheduler.num_swaps > swaps        # swapping went on, on the new keys
-    for i, r in enumerate(ref):
-        if f"r{i}" != seq.request_id:
-            assert done[f"r{i}"] == r
+    _others_as_before(done, ref, seq.request_id)
     assert_nothing_left(engine)
 
 
@@ -342,8 +334,7 @@ def test_aborting_a_request_sealed_ahead_relinquishes_it_and_the_rest_runs_on(mo
     path = str(model_dirs["llama"])
     prompts = prompts_of(6, seed=3)
     ref = tokens(LLM(path, max_model_len=96, num_gpu_blocks=80, block_size=8), prompts)
-    engine = LLMEngine(EngineConfig(model=path, max_model_len=96, num_gpu_blocks=12, block_size=8,
-                                    cc="pipelined", preemption_mode="swap", num_decode_steps=1))
+    engine = _swap_engine(path, "pipelined")
     seq, owner = _until_swapped(engine, prompts)
     assert seq.swap_owner in engine.runner.swapper._staged          # sealed ahead as the next swap-in
     stats = engine.runner.swapper.channel.pipeline.stats
@@ -351,12 +342,8 @@ def test_aborting_a_request_sealed_ahead_relinquishes_it_and_the_rest_runs_on(mo
     engine.abort_request(seq.request_id)
     assert stats.relinquished == relinquished + 1 and owner not in engine.runner.swapper.store
     assert engine.stats().crypto.relinquished == stats.relinquished
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
-    for i, r in enumerate(ref):
-        if f"r{i}" != seq.request_id:
-            assert done[f"r{i}"] == r
+    done = _run(engine)
+    _others_as_before(done, ref, seq.request_id)
     assert not engine.runner.swapper.channel.failed
     assert_nothing_left(engine)
 
