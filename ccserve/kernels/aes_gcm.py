@@ -927,9 +927,9 @@ def gcm_encrypt(dk: DeviceKey, plain: torch.Tensor, wire: torch.Tensor, nbytes: 
     at = dk.zero_counter if counter_at is None else counter_at
     stride = chunk_bytes + TAG_BYTES
     main, side = _streams(dk, plain, nbytes)
+    none = torch.empty(1, dtype=torch.int32, device=plain.device)     # no verdicts when encrypting
     for first, n in _groups(nbytes, chunk_bytes):
         p, w = plain[first * chunk_bytes:], wire[first * stride:]
-        none = torch.empty(1, dtype=torch.int32, device=plain.device)
         _ctr(dk, p, w, none, n, chunk_bytes, chunk_bytes, stride, lane, counter + first, at, False)
         with _on(side, after=main):     # this group's GHASH reads the ciphertext its CTR just wrote
             _finalize(dk, w, none, _ghash(dk, w, n, chunk_bytes), n, chunk_bytes, lane, counter + first, at, False)
