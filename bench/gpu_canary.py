@@ -32,7 +32,7 @@ from ccserve.privacy.free_memory import take_free_blocks  # noqa: E402
 MARKER = 0x4049             # bf16 bits of 3.140625
 CANARY_IDS = [7, 11, 13]
 PROMPT_TOKENS = 2048        # eager prefill of 2048 marker rows: megabytes of activations
-SEARCH_CHUNK = 64 << 20
+SEARCH_CHUNK = 16 << 20     # int16 words per search step: ~200 MiB of temporaries
 
 
 def marker_runs(buf: torch.Tensor, run: int) -> int:
@@ -43,7 +43,7 @@ def marker_runs(buf: torch.Tensor, run: int) -> int:
         eq = (words[start:start + SEARCH_CHUNK + run] == MARKER).to(torch.int32)
         if eq.numel() <= run:
             break
-        sums = eq.cumsum(0)
+        sums = eq.cumsum(0, dtype=torch.int32)     # (int64 by default: twice the memory)
         found += int(((sums[run:] - sums[:-run]) == run).sum())
     return found
 
@@ -58,7 +58,7 @@ def search_allocator(device: torch.device, run: int) -> tuple[int, int]:
 def search_driver(device: torch.device, run: int) -> tuple[int, int]:
     """(bytes searched, marker runs) over memory handed back to the driver and allocated again in one piece."""
     torch.cuda.empty_cache()
-    free = torch.cuda.mem_get_info(device)[0] - (1 << 30)     # leave room for the search's own temporaries
+    free = torch.cuda.mem_get_info(device)[0] - (2 << 30)     # leave room for the search's own temporaries
     block = torch.empty(max(free, 0), dtype=torch.uint8, device=device)
     found = marker_runs(block, run)
     del block

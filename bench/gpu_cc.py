@@ -9,13 +9,17 @@ Rows, each for --cc off / naive / pipelined on the same GPU, one engine at a tim
 Usage (on the GPU machine, repository root): python bench/gpu_cc.py [WORKLOAD[:REPEATS] ...]
 Env: OUT (directory for the JSON), CCSERVE_COMMIT (commit id; the device copy has no .git), MODEL (default
 llama3-8b), CC_THREADS (CPU crypto workers, default 8), KV_FRACTION (default 0.25), MAX_NUM_SEQS, MAX_BATCHED,
-REPEATS (default 3), MODES (default "off,naive,pipelined"). Channel counters are totals over the warm-up and
-all repeats of a row.
+REPEATS (default 3), MODES (default "off,naive,pipelined"), PROFILE=1 (profile the host side of each row with
+cProfile and print its top functions: where the engine loop spends, or waits for, its time). Channel counters are
+totals over the warm-up and all repeats of a row.
 """
 from __future__ import annotations
 
+import cProfile
 import gc
+import io
 import json
+import pstats
 import os
 import sys
 import time
@@ -69,7 +73,13 @@ def run_mode(cc: str, workloads: list[str], repeats: int, **extra) -> dict:
     llm = LLM(str(MODEL), **engine_kwargs(cc, **extra))
     row = dict(startup_s=round(time.perf_counter() - t, 1), num_kv_blocks=llm.engine.runner.num_blocks, results={})
     for name in workloads:
+        profile = cProfile.Profile() if os.environ.get("PROFILE") == "1" else None
+        if profile is not None:
+            profile.enable()
         r = run_workload(llm, name, repeats=repeats)
+        if profile is not None:
+            profile.disable()
+            print_profile(cc, name, profile)
         r["channel"] = channel_stats(llm)
         row["results"][name] = r
         print(cc, name, r["output_tok_s"], r["channel"], flush=True)
@@ -78,6 +88,15 @@ def run_mode(cc: str, workloads: list[str], repeats: int, **extra) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     return row
+
+
+def print_profile(cc: str, name: str, profile: cProfile.Profile) -> None:
+    """The host functions of a row with the most time of their own, and with the most time under them."""
+    for order in ("tottime", "cumtime"):
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats(order).print_stats(18)
+        body = text.getvalue()
+        print(f"--- {cc} {name}: host profile by {order}\n" + body[body.find("ncalls"):], flush=True)
 
 
 def main() -> None:
