@@ -9,12 +9,14 @@ Rows, each for --cc off / naive / pipelined on the same GPU, one engine at a tim
 Usage (on the GPU machine, repository root): python bench/gpu_cc.py [WORKLOAD[:REPEATS] ...]
 Env: OUT (directory for the JSON), CCSERVE_COMMIT (commit id; the device copy has no .git), MODEL (default
 llama3-8b), CC_THREADS (CPU crypto workers, default 8), KV_FRACTION (default 0.25), MAX_NUM_SEQS, MAX_BATCHED,
-REPEATS (default 3), MODES (default "off,naive,pipelined"), PROFILE=1 (profile the host side of each row with
-cProfile and print its top functions: where the engine loop spends, or waits for, its time). Channel counters are
+REPEATS (default 3), MODES (default "off,naive,pipelined"), PROFILE=host (profile the host side of each row with
+cProfile and print its top functions: where the engine loop spends, or waits for, its time) or PROFILE=gpu (the
+kernels of each row by total GPU time, and the caching allocator's retry and device-allocation counts). Channel counters are
 totals over the warm-up and all repeats of a row.
 """
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import gc
 import io
@@ -73,13 +75,8 @@ def run_mode(cc: str, workloads: list[str], repeats: int, **extra) -> dict:
     llm = LLM(str(MODEL), **engine_kwargs(cc, **extra))
     row = dict(startup_s=round(time.perf_counter() - t, 1), num_kv_blocks=llm.engine.runner.num_blocks, results={})
     for name in workloads:
-        profile = cProfile.Profile() if os.environ.get("PROFILE") == "1" else None
-        if profile is not None:
-            profile.enable()
-        r = run_workload(llm, name, repeats=repeats)
-        if profile is not None:
-            profile.disable()
-            print_profile(cc, name, profile)
+        with profiled(cc, name, os.environ.get("PROFILE")):
+            r = run_workload(llm, name, repeats=repeats)
         r["channel"] = channel_stats(llm)
         row["results"][name] = r
         print(cc, name, r["output_tok_s"], r["channel"], flush=True)
@@ -90,13 +87,34 @@ def run_mode(cc: str, workloads: list[str], repeats: int, **extra) -> dict:
     return row
 
 
-def print_profile(cc: str, name: str, profile: cProfile.Profile) -> None:
-    """The host functions of a row with the most time of their own, and with the most time under them."""
-    for order in ("tottime", "cumtime"):
-        text = io.StringIO()
-        pstats.Stats(profile, stream=text).sort_stats(order).print_stats(18)
-        body = text.getvalue()
-        print(f"--- {cc} {name}: host profile by {order}\n" + body[body.find("ncalls"):], flush=True)
+@contextlib.contextmanager
+def profiled(cc: str, name: str, what: str | None):
+    """Profile the enclosed row: "host" prints the host functions with the most time of their own and under
+    them; "gpu" the kernels with the most GPU time, and the allocator counters that reveal hidden syncs."""
+    if what == "host":
+        profile = cProfile.Profile()
+        profile.enable()
+        yield
+        profile.disable()
+        for order in ("tottime", "cumtime"):
+            text = io.StringIO()
+            pstats.Stats(profile, stream=text).sort_stats(order).print_stats(18)
+            body = text.getvalue()
+            print(f"--- {cc} {name}: host profile by {order}\n" + body[body.find("ncalls"):], flush=True)
+    elif what == "gpu":
+        torch.cuda.reset_peak_memory_stats()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            yield
+        rows = [(getattr(e, "device_time_total", 0), e.count, e.key) for e in prof.key_averages()]
+        busy = sum(r[0] for r in rows if "memcpy" not in r[2].lower()) / 1e3
+        print(f"--- {cc} {name}: GPU time by kernel (ms total, calls); all kernels {busy:.0f} ms")
+        for total, count, key in sorted(rows, reverse=True)[:20]:
+            print(f"{total / 1e3:10.1f} {count:8d}  {key[:100]}")
+        stats = torch.cuda.memory_stats()
+        print({k: stats.get(k) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free",
+                                        "num_sync_all_streams")}, flush=True)
+    else:
+        yield
 
 
 def main() -> None:
