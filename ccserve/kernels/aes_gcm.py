@@ -14,8 +14,13 @@ Why the GPU path looks the way it does:
   so bit 7 of the int32 sum is the parity). Rows carry across tiles by a Horner step (another matmul) and fold
   pairwise at the end; a finalize kernel multiplies the few partials per segment by powers of H. The kernel is
   persistent, so its 128 KiB of bit matrices are loaded into shared memory once per SM.
-- Decryption verifies before it decrypts (ghash -> finalize -> ctr); ctr writes zeros for chunks whose tag failed,
-  so unauthenticated plaintext never reaches GPU memory.
+- Short messages (up to SHORT_MESSAGE_BYTES: a step's inputs, sampled tokens, a decode step's all-reduce) are
+  latency-bound, not throughput-bound: the tensor-core GHASH loads 144 KiB of bit matrices per program and runs
+  three kernels of ~25 us each on an H200 however short the message. They take a short path instead: CTR with one
+  lane per thread, then one kernel that multiplies each block by its power of H (one block per thread), XORs the
+  products per chunk with atomics, and lets the chunk's last program write or check the tag.
+- Decryption verifies before it decrypts (ghash -> finalize -> ctr, or short ghash -> ctr); ctr writes zeros for
+  chunks whose tag failed, so unauthenticated plaintext never reaches GPU memory.
 - CTR (integer ALU work) and GHASH (int8 tensor cores) use different units, so a large message runs as groups of
   chunks in a pipeline over two streams: encryption's CTR of group g+1 runs beside GHASH of group g, decryption's
   GHASH of group g+1 beside the CTR of group g (which waits for group g's verdict).
@@ -46,6 +51,7 @@ GH_TILE_BLOCKS = GH_ROWS * GH_ROW_BLOCKS
 GH_OUT_ROWS = 16            # rows left per segment after pairwise folding
 GH_FOLDS = (64, 32, 16)     # rows after each pairwise fold
 CTR_TILE = 256              # lanes per CTR program (2 per thread: 128 registers, no spills on sm_90)
+CTR_TILE_SHORT = 128        # short messages: 1 lane per thread, twice the programs, half the latency of each
 CTR_WARPS = 4
 FIN_CHUNKS = 16             # chunks per finalize program at most
 FIN_ELEMS = 1024            # (chunk, partial) pairs per finalize step
@@ -53,6 +59,8 @@ MIN_SEGMENTS = 4 * 132      # GHASH segments to keep an H100 busy before segment
 GH_MAX_TILES = 32           # tiles per segment at most
 GH_MAX_SEGMENTS = 16        # segments per chunk that keep the finalize (one GF multiply per partial) cheap
 PIPELINE_GROUP_BYTES = 64 << 20     # bytes per group of chunks in the CTR / GHASH pipeline of large messages
+SHORT_MESSAGE_BYTES = 4 << 20       # messages up to this size take the short path: CTR + one GHASH-and-tag kernel
+SHORT_BLOCKS = 128                  # AES blocks per program of the short GHASH (one per thread)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -854,6 +862,71 @@ def _finalize_kernel(part_ptr, pow_ptr, wire, ok_ptr, te_ptr, sb_ptr, rk_ptr, ct
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Triton: GHASH of short messages, one block per thread, with the tag in the same kernel
+
+
+@triton.jit
+def _be_word(base, blk, w: tl.constexpr, chunk_len):
+    """Word w of each 16-byte block blk of a chunk at `base`, read big-endian; bytes from chunk_len on (the tag,
+    or past the message) read as zero, as GHASH pads the last block."""
+    offs = blk[:, None] * 16 + 4 * w + tl.arange(0, 4)[None, :]
+    b = tl.load(base + offs, mask=offs < chunk_len, other=0)
+    return tl.sum(b.to(tl.uint32) << (24 - 8 * tl.arange(0, 4))[None, :], axis=1)
+
+
+@triton.jit(do_not_specialize=["nbytes", "lane", "counter", "progs"])
+def _ghash_short_kernel(wire, pow_ptr, acc_ptr, ok_ptr, te_ptr, sb_ptr, rk_ptr, ctr_ptr, nbytes, chunk_bytes,
+                        wire_stride, nchunks, lane, counter, progs, BLOCKS: tl.constexpr, DECRYPT: tl.constexpr):
+    """GHASH and tag of the chunks of a short message: `progs` programs per chunk, BLOCKS blocks each.
+
+    Block i (0-based) of a chunk of n blocks contributes C_i * H^(n - i + 1), one GF multiply per thread with the
+    power read from the table; a program XORs its blocks' products into the chunk's accumulator (atomics). The
+    program that finishes a chunk last (an atomic count) adds the length block, encrypts J0 and writes the tag, or
+    compares it (DECRYPT) and stores the chunk's verdict. acc_ptr: int32 [nchunks * 4 words, nchunks counts], zero.
+    """
+    pid = tl.program_id(0)
+    chunk = pid // progs
+    chunk_len = tl.minimum(chunk_bytes, nbytes - chunk.to(tl.int64) * chunk_bytes).to(tl.int32)
+    n = (chunk_len + 15) // 16
+    blk = (pid % progs) * BLOCKS + tl.arange(0, BLOCKS)
+    live = blk < n
+    base = wire + chunk.to(tl.int64) * wire_stride
+    x = (_be_word(base, blk, 0, chunk_len), _be_word(base, blk, 1, chunk_len), _be_word(base, blk, 2, chunk_len),
+         _be_word(base, blk, 3, chunk_len))
+    e = tl.where(live, n - blk + 1, 0)
+    v = (tl.load(pow_ptr + e * 4), tl.load(pow_ptr + e * 4 + 1), tl.load(pow_ptr + e * 4 + 2),
+         tl.load(pow_ptr + e * 4 + 3))
+    y = _gf_mul_words(x, v)
+    for w in tl.static_range(4):
+        tl.atomic_xor(acc_ptr + chunk * 4 + w, tl.xor_sum(y[w], axis=0).to(tl.int32, bitcast=True))
+    tl.debug_barrier()      # every thread's share is in before this program counts itself done
+    done = tl.atomic_add(acc_ptr + nchunks * 4 + chunk, 1)
+    if done == progs - 1:
+        z = (tl.atomic_xor(acc_ptr + chunk * 4, 0).to(tl.uint32, bitcast=True),
+             tl.atomic_xor(acc_ptr + chunk * 4 + 1, 0).to(tl.uint32, bitcast=True),
+             tl.atomic_xor(acc_ptr + chunk * 4 + 2, 0).to(tl.uint32, bitcast=True),
+             tl.atomic_xor(acc_ptr + chunk * 4 + 3, 0).to(tl.uint32, bitcast=True))
+        bitlen = chunk_len.to(tl.int64) * 8
+        zero = tl.zeros([1], dtype=tl.uint32)
+        h = (tl.load(pow_ptr + 4) + zero, tl.load(pow_ptr + 5) + zero, tl.load(pow_ptr + 6) + zero,
+             tl.load(pow_ptr + 7) + zero)
+        lh = _gf_mul_words((zero, zero, zero + (bitlen >> 32).to(tl.uint32),
+                            zero + (bitlen & 0xFFFFFFFF).to(tl.uint32)), h)
+        ctr = tl.load(ctr_ptr) + counter.to(tl.int64) + chunk
+        j0 = (zero + _bswap(lane.to(tl.uint32)), zero + _bswap((ctr >> 32).to(tl.uint32)),
+              zero + _bswap((ctr & 0xFFFFFFFF).to(tl.uint32)), zero + 0x01000000)
+        ej0 = _aes_block(j0, te_ptr, sb_ptr, rk_ptr)
+        tag_at = base + chunk_len + tl.arange(0, 1)
+        yes = tl.full([1], 1, tl.int1)
+        ok = _tag_word(tag_at, _bswap(z[0] ^ lh[0]) ^ ej0[0], yes, 0, yes, DECRYPT)
+        ok = _tag_word(tag_at, _bswap(z[1] ^ lh[1]) ^ ej0[1], ok, 1, yes, DECRYPT)
+        ok = _tag_word(tag_at, _bswap(z[2] ^ lh[2]) ^ ej0[2], ok, 2, yes, DECRYPT)
+        ok = _tag_word(tag_at, _bswap(z[3] ^ lh[3]) ^ ej0[3], ok, 3, yes, DECRYPT)
+        if DECRYPT:
+            tl.store(ok_ptr + chunk + tl.arange(0, 1), ok.to(tl.int32))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Launch
 
 
@@ -894,9 +967,23 @@ def _finalize(dk: DeviceKey, wire: torch.Tensor, ok: torch.Tensor, ghash, nbytes
         DECRYPT=decrypt, ROWS=GH_ROWS, ROW_BLOCKS=GH_ROW_BLOCKS, num_warps=4)
 
 
+def _ghash_short(dk: DeviceKey, wire: torch.Tensor, ok: torch.Tensor, nbytes: int, chunk_bytes: int, lane: int,
+                 counter: int, counter_at: torch.Tensor, decrypt: bool) -> None:
+    """GHASH and tag (written, or compared into `ok`) of every chunk of a short message, in one kernel."""
+    nch = num_chunks(nbytes, chunk_bytes)
+    blocks = -(-min(chunk_bytes, nbytes) // 16)
+    progs = triton.cdiv(blocks, SHORT_BLOCKS)
+    acc = torch.zeros(nch * 5, dtype=torch.int32, device=wire.device)   # per chunk: 4 GHASH words; then counts
+    _ghash_short_kernel[(nch * progs,)](
+        wire, dk.powers(blocks + 2), acc, ok, dk.table("te"), dk.table("sbox"), dk.table("rk"), counter_at, nbytes,
+        chunk_bytes, chunk_bytes + TAG_BYTES, nch, lane, counter, progs, BLOCKS=SHORT_BLOCKS, DECRYPT=decrypt,
+        num_warps=SHORT_BLOCKS // 32)
+
+
 def _ctr(dk: DeviceKey, src: torch.Tensor, dst: torch.Tensor, ok: torch.Tensor, nbytes: int, chunk_bytes: int,
-         src_stride: int, dst_stride: int, lane: int, counter: int, counter_at: torch.Tensor, gate: bool) -> None:
-    tile = min(CTR_TILE, chunk_bytes // LANE_BYTES)
+         src_stride: int, dst_stride: int, lane: int, counter: int, counter_at: torch.Tensor, gate: bool,
+         short: bool = False) -> None:
+    tile = min(CTR_TILE_SHORT if short else CTR_TILE, chunk_bytes // LANE_BYTES)
     per_tile = tile * LANE_BYTES
     nch = num_chunks(nbytes, chunk_bytes)
     grid = (nch - 1) * (chunk_bytes // per_tile) + triton.cdiv(nbytes - (nch - 1) * chunk_bytes, per_tile)
@@ -926,8 +1013,12 @@ def gcm_encrypt(dk: DeviceKey, plain: torch.Tensor, wire: torch.Tensor, nbytes: 
         return
     at = dk.zero_counter if counter_at is None else counter_at
     stride = chunk_bytes + TAG_BYTES
-    main, side = _streams(dk, plain, nbytes)
     none = torch.empty(1, dtype=torch.int32, device=plain.device)     # no verdicts when encrypting
+    if nbytes <= SHORT_MESSAGE_BYTES:
+        _ctr(dk, plain, wire, none, nbytes, chunk_bytes, chunk_bytes, stride, lane, counter, at, False, short=True)
+        _ghash_short(dk, wire, none, nbytes, chunk_bytes, lane, counter, at, False)
+        return
+    main, side = _streams(dk, plain, nbytes)
     for first, n in _groups(nbytes, chunk_bytes):
         p, w = plain[first * chunk_bytes:], wire[first * stride:]
         _ctr(dk, p, w, none, n, chunk_bytes, chunk_bytes, stride, lane, counter + first, at, False)
@@ -950,6 +1041,10 @@ def gcm_decrypt(dk: DeviceKey, wire: torch.Tensor, plain: torch.Tensor, nbytes: 
     at = dk.zero_counter if counter_at is None else counter_at
     ok = torch.empty(nch, dtype=torch.int32, device=wire.device)
     stride = chunk_bytes + TAG_BYTES
+    if nbytes <= SHORT_MESSAGE_BYTES:
+        _ghash_short(dk, wire, ok, nbytes, chunk_bytes, lane, counter, at, True)
+        _ctr(dk, wire, plain, ok, nbytes, chunk_bytes, stride, chunk_bytes, lane, counter, at, True, short=True)
+        return ok
     main, side = _streams(dk, wire, nbytes)
     for first, n in _groups(nbytes, chunk_bytes):
         p, w = plain[first * chunk_bytes:], wire[first * stride:]

@@ -17,8 +17,9 @@ channel closed. On a CUDA device, copies and kernels run on the channel's own st
 the caller's stream; each call returns once its data is verified. Each direction has its own stream: an H2D
 message never queues behind a D2H seal that waits for the compute producing its source (the engine seals a decode
 window's tokens as soon as it is enqueued; one shared stream made the next step's inputs wait for that whole
-window, and the host could no longer run ahead of the GPU). H2D runs at high priority, since the host waits for
-its verdict.
+window, and the host could no longer run ahead of the GPU). Both run at high priority: the host waits for an H2D
+verdict before it enqueues the step, and for a window's D2H tokens while the next window computes; their short
+kernels must not queue behind that window's.
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ class Channel:
         self.stats = ChannelStats()
         self._cuda = self.device.type == "cuda"
         self._h2d_stream = torch.cuda.Stream(self.device, priority=-1) if self._cuda else None
-        self._d2h_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._d2h_stream = torch.cuda.Stream(self.device, priority=-1) if self._cuda else None
         self._sources: dict[Hashable, weakref.ref] = {}
         self._closed = False
         self._failed = False

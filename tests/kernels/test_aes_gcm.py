@@ -101,8 +101,13 @@ CASES = [  # (nbytes, chunk_bytes, counter): tails, several chunks, counter carr
 ]
 
 
+@pytest.mark.parametrize("path", ["short", "long"])
 @pytest.mark.parametrize("nbytes,chunk,counter", CASES)
-def test_triton_bit_exact_with_openssl(nbytes, chunk, counter):
+def test_triton_bit_exact_with_openssl(nbytes, chunk, counter, path, monkeypatch):
+    """Both GPU paths: short messages (CTR + one GHASH-and-tag kernel, one block per thread) and long ones
+    (GHASH on the tensor cores, then a finalize kernel)."""
+    if path == "long":
+        monkeypatch.setattr(g, "SHORT_MESSAGE_BYTES", 0)
     key = os.urandom(32)
     data = os.urandom(nbytes)
     plain, wire = _buffers(data, chunk)
@@ -142,6 +147,7 @@ def test_pipeline_groups_give_the_same_wire_and_verdicts(monkeypatch):
     """Large messages run as groups of chunks (CTR and GHASH pipelined over two streams on a GPU, one after the
     other here): each group under its own counters, a short last group, a tampered chunk failing only itself."""
     monkeypatch.setattr(g, "PIPELINE_GROUP_BYTES", 2048)
+    monkeypatch.setattr(g, "SHORT_MESSAGE_BYTES", 0)
     key, nbytes, chunk = os.urandom(32), 5 * 1024 + 300, 1024        # groups of 2 chunks: 2 + 2 + 2 (short)
     assert g._groups(nbytes, chunk) == [(0, 2048), (2, 2048), (4, 1324)]
     data = os.urandom(nbytes)
@@ -163,6 +169,7 @@ def test_pipeline_groups_give_the_same_wire_and_verdicts(monkeypatch):
 def test_ghash_across_tiles_and_segments(monkeypatch):
     """Force several tiles per GHASH program (Horner steps) and several segments per chunk."""
     monkeypatch.setattr(g, "MIN_SEGMENTS", 2)
+    monkeypatch.setattr(g, "SHORT_MESSAGE_BYTES", 0)
     nbytes, chunk = 3 * g.GH_TILE_BLOCKS * 16 + 100, 1 << 17
     key, data = os.urandom(32), os.urandom(nbytes)
     dk = g.DeviceKey(key, "cpu", backend="triton")
@@ -172,7 +179,10 @@ def test_ghash_across_tiles_and_segments(monkeypatch):
     assert bytes(wire[nbytes:nbytes + 16].tolist()) == AESGCM(key).encrypt(g.nonce(1, 2), data, None)[-16:]
 
 
-def test_decrypt_verifies_each_chunk_and_zeroes_the_bad_one():
+@pytest.mark.parametrize("path", ["short", "long"])
+def test_decrypt_verifies_each_chunk_and_zeroes_the_bad_one(path, monkeypatch):
+    if path == "long":
+        monkeypatch.setattr(g, "SHORT_MESSAGE_BYTES", 0)
     key, nbytes, chunk = os.urandom(32), 3000, 1024
     data = os.urandom(nbytes)
     dk = g.DeviceKey(key, "cpu", backend="triton")
@@ -212,12 +222,29 @@ triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "
 """
 
 
-def test_ghash_compiles_for_sm90_without_spills(tmp_path):
+SM90_GHASH_SHORT = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ccserve.kernels import aes_gcm as g
+
+sig = {"wire": "*u8", "pow_ptr": "*u32", "acc_ptr": "*i32", "ok_ptr": "*i32", "te_ptr": "*u32", "sb_ptr": "*u32",
+       "rk_ptr": "*u32", "ctr_ptr": "*i64", "nbytes": "i32", "chunk_bytes": "i32", "wire_stride": "i32",
+       "nchunks": "i32", "lane": "i32", "counter": "i32", "progs": "i32", "BLOCKS": "constexpr", "DECRYPT": "constexpr"}
+aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 4, 5, 6, 7, 9, 10)}
+for decrypt in (False, True):
+    src = ASTSource(g._ghash_short_kernel, sig, {"BLOCKS": g.SHORT_BLOCKS, "DECRYPT": decrypt}, aligned)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": g.SHORT_BLOCKS // 32})
+"""
+
+
+@pytest.mark.parametrize("script", [SM90_GHASH, SM90_GHASH_SHORT], ids=["ghash", "ghash_short"])
+def test_ghash_compiles_for_sm90_without_spills(script, tmp_path):
     """The interpreter runs none of the compiler, so a kernel can pass every test above and still fail to build or
     spill on an H100; this builds it for sm_90 (ptxas ships with Triton) and reads ptxas's report."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=str(tmp_path))
-    out = subprocess.run([sys.executable, "-c", SM90_GHASH], env=env, cwd=Path(__file__).parents[2],
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[2],
                          capture_output=True, text=True, timeout=600, check=False)
     assert out.returncode == 0, out.stderr[-4000:]
     assert " 0 bytes spill stores, 0 bytes spill loads" in out.stdout, out.stdout
