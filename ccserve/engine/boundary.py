@@ -25,6 +25,13 @@ class Boundary:
     def __init__(self, config: EngineConfig, device: torch.device) -> None:
         self.config, self.device = config, device
         self._channels = RekeyingChannel(self._new_channel) if config.cc != "off" else None
+        if self._channels is not None:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One small message each way now: the GPU kernels of both directions compile (seconds each on a fresh
+        machine) while the engine starts, not inside a request's step."""
+        self.to_host(self.to_device([np.zeros(16, dtype=np.uint8)])[0])
 
     @property
     def channel(self) -> Channel | None:

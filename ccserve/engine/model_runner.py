@@ -2,6 +2,7 @@
 samples, and owns the KV cache memory (sizing, allocation, scrubbing)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from ccserve.engine.tp_workers import WorkerGroup
 
 CPU_KV_CACHE_BYTES = 2 << 30
+log = logging.getLogger(__name__)
 GPU_MEMORY_MARGIN_BYTES = 512 << 20
 
 
@@ -167,7 +169,7 @@ class ModelRunner:
         self.kv_shape = (len(self.attn_layers), layer.num_kv_heads, self.block_size, layer.head_dim)
         self.kv_format = kv_format(config.kv_format).resolve(layer.head_dim, self.block_size)
         self.sparsity = _sparsity_policy(config, self.device)
-        num_blocks = config.num_gpu_blocks or self._profile_num_blocks()
+        num_blocks = config.num_gpu_blocks or self._fit_free(self._profile_num_blocks())
         num_blocks = tp.min_over_ranks(num_blocks, self.device)  # every rank holds a slice of the same blocks
         self.kv_cache = self._new_cache(num_blocks)
         self.kv_cache.bind(self.attn_layers)
@@ -609,6 +611,19 @@ class ModelRunner:
                 f"{self.max_model_len} needs {self.max_blocks_per_seq}: raise gpu_memory_utilization or lower "
                 "max_model_len / max_num_batched_tokens")
         return num_blocks
+
+    def _fit_free(self, num_blocks: int) -> int:
+        """At most the blocks that fit in what the device has free right now, less the margin: the profile's plan
+        is checked against the memory actually there when the cache is allocated (an OPT-30B engine with streamed
+        weights on an H200 planned 4.7 GiB more than was free even after the profile's own check)."""
+        if self.device.type != "cuda":
+            return num_blocks
+        torch.cuda.empty_cache()
+        fits = int((torch.cuda.mem_get_info(self.device)[0] - GPU_MEMORY_MARGIN_BYTES) // self._bytes_per_block())
+        if fits < num_blocks:
+            log.warning("KV cache: %d blocks planned, %d fit in the memory free now; using %d", num_blocks, fits,
+                        fits)
+        return min(num_blocks, fits)
 
     def _dummy_prefill(self, tokens: int, seq_len: int):
         dev = self.device

@@ -992,7 +992,10 @@ def _ctr(dk: DeviceKey, src: torch.Tensor, dst: torch.Tensor, ok: torch.Tensor, 
                          num_warps=max(1, min(CTR_WARPS, tile // 32)))
 
 
-def _check(plain: torch.Tensor, wire: torch.Tensor, nbytes: int, chunk_bytes: int) -> None:
+def _check(dk: DeviceKey, plain: torch.Tensor, wire: torch.Tensor, nbytes: int, chunk_bytes: int) -> None:
+    """Buffers as the kernels need them. Triton compiles a kernel per pointer alignment it sees: a buffer off a
+    16-byte boundary would compile new variants of the bitsliced CTR (seconds each on a GPU) in the middle of
+    serving, and run slower ones; so the GPU path takes aligned buffers only (alloc_* gives them)."""
     check_chunk_bytes(chunk_bytes)
     if nbytes <= 0:
         raise ValueError("messages must be at least one byte long")
@@ -1000,13 +1003,15 @@ def _check(plain: torch.Tensor, wire: torch.Tensor, nbytes: int, chunk_bytes: in
     for name, t, need in (("plain", plain, _round16(nbytes)), ("wire", wire, wire_need)):
         if t.dtype != torch.uint8 or not t.is_contiguous() or t.numel() < need:
             raise ValueError(f"{name} must be a contiguous uint8 tensor of at least {need} bytes (use alloc_*)")
+        if dk.backend == "triton" and t.data_ptr() % 16:
+            raise ValueError(f"{name} must start at a 16-byte boundary (use alloc_*, or copy into one)")
 
 
 def gcm_encrypt(dk: DeviceKey, plain: torch.Tensor, wire: torch.Tensor, nbytes: int, chunk_bytes: int, lane: int,
                 counter: int, counter_at: torch.Tensor | None = None) -> None:
     """Encrypt the first nbytes of `plain` into `wire` (ciphertext and tags), chunk i under IV (lane, c + i), where
     c = counter + the int64 in `counter_at` (a one-element tensor on the key's device; default 0)."""
-    _check(plain, wire, nbytes, chunk_bytes)
+    _check(dk, plain, wire, nbytes, chunk_bytes)
     if dk.backend == "ref":
         seal_chunks(dk.aead, plain.numpy(), wire.numpy(), nbytes, chunk_bytes, lane, _host_counter(counter, counter_at),
                     range(num_chunks(nbytes, chunk_bytes)))
@@ -1032,7 +1037,7 @@ def gcm_decrypt(dk: DeviceKey, wire: torch.Tensor, plain: torch.Tensor, nbytes: 
                 counter: int, counter_at: torch.Tensor | None = None) -> torch.Tensor:
     """Verify and decrypt `wire` into `plain`; returns int32 ok flags per chunk. Failed chunks decrypt to zeros.
     The IVs are those gcm_encrypt would use with the same counter and counter_at."""
-    _check(plain, wire, nbytes, chunk_bytes)
+    _check(dk, plain, wire, nbytes, chunk_bytes)
     nch = num_chunks(nbytes, chunk_bytes)
     if dk.backend == "ref":
         ok = open_chunks(dk.aead, wire.numpy(), plain.numpy(), nbytes, chunk_bytes, lane,

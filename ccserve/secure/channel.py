@@ -253,7 +253,7 @@ class Channel:
             src.record_stream(self._d2h_stream)  # the caller may free src before this stream has read it
         with self._on_stream(self._d2h_stream):
             plain = src.detach().contiguous().reshape(-1).view(torch.uint8)
-            if plain.numel() % 16:
+            if plain.numel() % 16 or plain.data_ptr() % 16:    # whole, aligned blocks for the kernels
                 padded = alloc_plain(nbytes, plain.device)
                 padded[:nbytes].copy_(plain)
                 plain = padded
