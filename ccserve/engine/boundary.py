@@ -18,7 +18,11 @@ from ccserve.secure.rekeying import RekeyingChannel
 from ccserve.secure.totals import CryptoTotals
 
 STEP_KEY = ("step",)
-ALIGN = 8   # every array starts at a multiple of 8 bytes, so int64 / float32 views of the message are legal
+# Every array starts at a multiple of 16 bytes: int64 / float32 views of the message are legal, and the kernels that
+# read them see the alignment Triton specializes on, as with separate allocations. At 8 bytes, arrays sat off a
+# 16-byte boundary whenever the sizes before them changed (A-mixed: every few steps), and each such pattern compiled
+# new variants of the attention and sampling kernels in the middle of serving.
+ALIGN = 16
 
 
 class Boundary:
