@@ -21,17 +21,16 @@ Why the GPU path looks the way it does:
   products per chunk with atomics, and lets the chunk's last program write or check the tag.
 - Decryption verifies before it decrypts (ghash -> finalize -> ctr, or short ghash -> ctr); ctr writes zeros for
   chunks whose tag failed, so unauthenticated plaintext never reaches GPU memory.
-- CTR (integer ALU work) and GHASH (int8 tensor cores) use different units, so a large message runs as groups of
-  chunks in a pipeline over two streams: encryption's CTR of group g+1 runs beside GHASH of group g, decryption's
-  GHASH of group g+1 beside the CTR of group g (which waits for group g's verdict).
+- Long messages run CTR, then GHASH and finalize, on the caller's stream. A pipeline of chunk groups over two
+  streams (CTR of one group beside GHASH of another: different units) was tried and measured slower on an H200
+  (112 GB/s at 1 GiB, against 144 in sequence on an H100): the persistent GHASH kernel holds every SM's shared
+  memory, so the CTR programs could not run beside it and the two only contended.
 - The IV counter is `counter` plus an int64 the kernels read from device memory (`counter_at`; a zero by default).
   A caller that keeps its counter on the device (sealed tensor-parallel links) can then capture the kernels in a
   CUDA graph: each replay reads, and the caller advances, the current value instead of the one captured.
 Buffers handed to the kernels are uint8 tensors whose storage is padded to a multiple of 16 bytes (`alloc_*`).
 """
 from __future__ import annotations
-
-import contextlib
 
 import numpy as np
 import torch
@@ -58,7 +57,6 @@ FIN_ELEMS = 1024            # (chunk, partial) pairs per finalize step
 MIN_SEGMENTS = 4 * 132      # GHASH segments to keep an H100 busy before segments grow longer
 GH_MAX_TILES = 32           # tiles per segment at most
 GH_MAX_SEGMENTS = 16        # segments per chunk that keep the finalize (one GF multiply per partial) cheap
-PIPELINE_GROUP_BYTES = 64 << 20     # bytes per group of chunks in the CTR / GHASH pipeline of large messages
 SHORT_MESSAGE_BYTES = 4 << 20       # messages up to this size take the short path: CTR + one GHASH-and-tag kernel
 SHORT_BLOCKS = 128                  # AES blocks per program of the short GHASH (one per thread)
 
@@ -305,13 +303,6 @@ class DeviceKey:
         if self.backend == "triton":
             self._build_tables(bytes(key))
             self.zero_counter = torch.zeros(1, dtype=torch.int64, device=self.device)  # counter_at when none given
-        self._side: torch.cuda.Stream | None = None
-
-    def side_stream(self) -> torch.cuda.Stream:
-        """The second stream of the CTR / GHASH pipeline (one per key: a key is used from one stream)."""
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        return self._side
 
     def _build_tables(self, key: bytes) -> None:
         round_keys = expand_key(key)
@@ -967,6 +958,17 @@ def _finalize(dk: DeviceKey, wire: torch.Tensor, ok: torch.Tensor, ghash, nbytes
         DECRYPT=decrypt, ROWS=GH_ROWS, ROW_BLOCKS=GH_ROW_BLOCKS, num_warps=4)
 
 
+def _tag(dk: DeviceKey, wire: torch.Tensor, ok: torch.Tensor, nbytes: int, chunk_bytes: int, lane: int,
+         counter: int, counter_at: torch.Tensor, decrypt: bool) -> None:
+    """GHASH and tag of every chunk (written, or compared into `ok` when decrypting): one kernel for a short message,
+    GHASH on the tensor cores and then finalize for a long one."""
+    if nbytes <= SHORT_MESSAGE_BYTES:
+        _ghash_short(dk, wire, ok, nbytes, chunk_bytes, lane, counter, counter_at, decrypt)
+    else:
+        ghash = _ghash(dk, wire, nbytes, chunk_bytes)
+        _finalize(dk, wire, ok, ghash, nbytes, chunk_bytes, lane, counter, counter_at, decrypt)
+
+
 def _ghash_short(dk: DeviceKey, wire: torch.Tensor, ok: torch.Tensor, nbytes: int, chunk_bytes: int, lane: int,
                  counter: int, counter_at: torch.Tensor, decrypt: bool) -> None:
     """GHASH and tag (written, or compared into `ok`) of every chunk of a short message, in one kernel."""
@@ -981,8 +983,8 @@ def _ghash_short(dk: DeviceKey, wire: torch.Tensor, ok: torch.Tensor, nbytes: in
 
 
 def _ctr(dk: DeviceKey, src: torch.Tensor, dst: torch.Tensor, ok: torch.Tensor, nbytes: int, chunk_bytes: int,
-         src_stride: int, dst_stride: int, lane: int, counter: int, counter_at: torch.Tensor, gate: bool,
-         short: bool = False) -> None:
+         src_stride: int, dst_stride: int, lane: int, counter: int, counter_at: torch.Tensor, gate: bool) -> None:
+    short = nbytes <= SHORT_MESSAGE_BYTES      # latency-bound: one lane per thread
     tile = min(CTR_TILE_SHORT if short else CTR_TILE, chunk_bytes // LANE_BYTES)
     per_tile = tile * LANE_BYTES
     nch = num_chunks(nbytes, chunk_bytes)
@@ -1019,18 +1021,8 @@ def gcm_encrypt(dk: DeviceKey, plain: torch.Tensor, wire: torch.Tensor, nbytes: 
     at = dk.zero_counter if counter_at is None else counter_at
     stride = chunk_bytes + TAG_BYTES
     none = torch.empty(1, dtype=torch.int32, device=plain.device)     # no verdicts when encrypting
-    if nbytes <= SHORT_MESSAGE_BYTES:
-        _ctr(dk, plain, wire, none, nbytes, chunk_bytes, chunk_bytes, stride, lane, counter, at, False, short=True)
-        _ghash_short(dk, wire, none, nbytes, chunk_bytes, lane, counter, at, False)
-        return
-    main, side = _streams(dk, plain, nbytes)
-    for first, n in _groups(nbytes, chunk_bytes):
-        p, w = plain[first * chunk_bytes:], wire[first * stride:]
-        _ctr(dk, p, w, none, n, chunk_bytes, chunk_bytes, stride, lane, counter + first, at, False)
-        with _on(side, after=main):     # this group's GHASH reads the ciphertext its CTR just wrote
-            _finalize(dk, w, none, _ghash(dk, w, n, chunk_bytes), n, chunk_bytes, lane, counter + first, at, False)
-    if side is not None:
-        main.wait_stream(side)
+    _ctr(dk, plain, wire, none, nbytes, chunk_bytes, chunk_bytes, stride, lane, counter, at, False)
+    _tag(dk, wire, none, nbytes, chunk_bytes, lane, counter, at, False)
 
 
 def gcm_decrypt(dk: DeviceKey, wire: torch.Tensor, plain: torch.Tensor, nbytes: int, chunk_bytes: int, lane: int,
@@ -1046,46 +1038,9 @@ def gcm_decrypt(dk: DeviceKey, wire: torch.Tensor, plain: torch.Tensor, nbytes: 
     at = dk.zero_counter if counter_at is None else counter_at
     ok = torch.empty(nch, dtype=torch.int32, device=wire.device)
     stride = chunk_bytes + TAG_BYTES
-    if nbytes <= SHORT_MESSAGE_BYTES:
-        _ghash_short(dk, wire, ok, nbytes, chunk_bytes, lane, counter, at, True)
-        _ctr(dk, wire, plain, ok, nbytes, chunk_bytes, stride, chunk_bytes, lane, counter, at, True, short=True)
-        return ok
-    main, side = _streams(dk, wire, nbytes)
-    for first, n in _groups(nbytes, chunk_bytes):
-        p, w = plain[first * chunk_bytes:], wire[first * stride:]
-        verdicts = ok[first:first + num_chunks(n, chunk_bytes)]
-        with _on(side):     # (the side stream waited for the wire once, in _streams: the GHASHes run ahead)
-            _finalize(dk, w, verdicts, _ghash(dk, w, n, chunk_bytes), n, chunk_bytes, lane, counter + first, at, True)
-        if side is not None:
-            main.wait_stream(side)      # this group's CTR needs its verdicts; the next GHASH runs on meanwhile
-        _ctr(dk, w, p, verdicts, n, chunk_bytes, stride, chunk_bytes, lane, counter + first, at, True)
+    _tag(dk, wire, ok, nbytes, chunk_bytes, lane, counter, at, True)
+    _ctr(dk, wire, plain, ok, nbytes, chunk_bytes, stride, chunk_bytes, lane, counter, at, True)
     return ok
-
-
-def _groups(nbytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
-    """(first chunk, bytes) of each pipeline group of a message: whole chunks, PIPELINE_GROUP_BYTES at least."""
-    per = max(1, PIPELINE_GROUP_BYTES // chunk_bytes)
-    return [(first, min(per * chunk_bytes, nbytes - first * chunk_bytes))
-            for first in range(0, num_chunks(nbytes, chunk_bytes), per)]
-
-
-def _streams(dk: DeviceKey, t: torch.Tensor, nbytes: int) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
-    """(current stream, side stream) when a CUDA message has more than one pipeline group, else (None, None): the
-    groups then run one after the other on the current stream (on the CPU, under the interpreter)."""
-    if not t.is_cuda or nbytes <= PIPELINE_GROUP_BYTES:
-        return None, None
-    main, side = torch.cuda.current_stream(t.device), dk.side_stream()
-    side.wait_stream(main)      # the side stream reads what the current stream wrote before the call
-    return main, side
-
-
-def _on(side: torch.cuda.Stream | None, after: torch.cuda.Stream | None = None):
-    """Run the enclosed launches on the side stream (when there is one), after everything already on `after`."""
-    if side is None:
-        return contextlib.nullcontext()
-    if after is not None:
-        side.wait_stream(after)
-    return torch.cuda.stream(side)
 
 
 def _host_counter(counter: int, counter_at: torch.Tensor | None) -> int:

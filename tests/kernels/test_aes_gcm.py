@@ -143,29 +143,6 @@ def test_counter_held_in_device_memory_adds_to_the_counter_argument(backend):
     assert not ok.any() and not out[:nbytes].any()
 
 
-def test_pipeline_groups_give_the_same_wire_and_verdicts(monkeypatch):
-    """Large messages run as groups of chunks (CTR and GHASH pipelined over two streams on a GPU, one after the
-    other here): each group under its own counters, a short last group, a tampered chunk failing only itself."""
-    monkeypatch.setattr(g, "PIPELINE_GROUP_BYTES", 2048)
-    monkeypatch.setattr(g, "SHORT_MESSAGE_BYTES", 0)
-    key, nbytes, chunk = os.urandom(32), 5 * 1024 + 300, 1024        # groups of 2 chunks: 2 + 2 + 2 (short)
-    assert g._groups(nbytes, chunk) == [(0, 2048), (2, 2048), (4, 1324)]
-    data = os.urandom(nbytes)
-    plain, wire = _buffers(data, chunk)
-    g.gcm_encrypt(g.DeviceKey(key, "cpu", backend="triton"), plain, wire, nbytes, chunk, 3, 40)
-    ref = g.alloc_wire(nbytes, chunk, "cpu").zero_()
-    g.seal_chunks(AESGCM(key), plain.numpy(), ref.numpy(), nbytes, chunk, 3, 40, range(g.num_chunks(nbytes, chunk)))
-    size = g.wire_bytes(nbytes, chunk)
-    assert torch.equal(wire[:size], ref[:size])
-    ref[3 * (chunk + 16) + 7] ^= 1                                   # chunk 3: second group's second chunk
-    out = g.alloc_plain(nbytes, "cpu")
-    ok = g.gcm_decrypt(g.DeviceKey(key, "cpu", backend="triton"), ref, out, nbytes, chunk, 3, 40)
-    assert ok.tolist() == [1, 1, 1, 0, 1, 1]
-    got = bytes(out[:nbytes].tolist())
-    assert got[:3 * chunk] == data[:3 * chunk] and got[4 * chunk:] == data[4 * chunk:]
-    assert not any(got[3 * chunk:4 * chunk])
-
-
 def test_ghash_across_tiles_and_segments(monkeypatch):
     """Force several tiles per GHASH program (Horner steps) and several segments per chunk."""
     monkeypatch.setattr(g, "MIN_SEGMENTS", 2)
