@@ -173,6 +173,17 @@ def test_decrypt_verifies_each_chunk_and_zeroes_the_bad_one(path, monkeypatch):
     assert got[:chunk].tobytes() == data[:chunk] and got[2 * chunk:].tobytes() == data[2 * chunk:]
 
 
+def test_kernels_take_aligned_buffers_only():
+    """Triton would compile (and run) other variants for a buffer off a 16-byte boundary: refused, with the fix."""
+    dk = g.DeviceKey(os.urandom(32), "cpu", backend="triton")
+    plain, wire = _buffers(os.urandom(64), 128)
+    shifted = g.alloc_plain(80, "cpu")[8:]
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        g.gcm_encrypt(dk, shifted, wire, 64, 128, 1, 0)
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        g.gcm_decrypt(dk, wire, shifted, 64, 128, 1, 0)
+
+
 def test_zeroize_clears_tables():
     dk = g.DeviceKey(os.urandom(32), "cpu", backend="triton")
     tables = [dk.table(n) for n in ("rk_bs", "rk", "w", "mt", "mh")]
