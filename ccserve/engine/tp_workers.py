@@ -6,8 +6,11 @@ host arrays (a step's token ids, positions, slots, block tables, sampling settin
 
 Lifetime: a monitor thread waits on the workers' exit sentinels. A worker that exits while the group is in use
 makes the group lost: the failure names the rank and its exit code, the other workers are terminated (SIGTERM,
-then SIGKILL after a grace period), and every later command raises WorkerExited, so that the engine fails its
-requests with that sentence instead of hanging. Workers also end by themselves when this process dies
+then SIGKILL after a grace period), rank 0's NCCL communicators are aborted, and every later command raises
+WorkerExited, so that the engine fails its requests with that sentence instead of hanging. Why the abort: a gloo
+collective fails at once when a peer's connection drops, but an NCCL collective whose peer died spins on the GPU
+until the watchdog's timeout (10 minutes) kills the whole process; aborting the communicator ends it now, as an
+error the engine's step raises. Workers also end by themselves when this process dies
 (tp_worker.die_with_parent, EOF on the pipe), and `close` (or garbage collection, or interpreter exit) ends them.
 """
 from __future__ import annotations
@@ -22,6 +25,8 @@ import weakref
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+
+import torch.distributed as dist
 
 from ccserve.config import EngineConfig
 from ccserve.distributed.env import disable_multicast
@@ -147,6 +152,19 @@ class WorkerGroup:
         self.failure = f"tensor-parallel worker rank {rank} exited with code {proc.exitcode}"
         logger.error("%s; stopping the other workers", self.failure)
         _terminate(self.procs)
+        _abort_nccl(self.tp.group)
+
+
+def _abort_nccl(group: dist.ProcessGroup | None) -> None:
+    """Abort an NCCL group's communicators, so that a collective rank 0 is waiting in returns with an error
+    instead of waiting for a dead peer (gloo's fail by themselves). The group cannot be used afterwards: the
+    engine's next step raises WorkerExited."""
+    if group is None or dist.get_backend(group) != "nccl":
+        return
+    try:
+        dist.distributed_c10d._abort_process_group(group)
+    except Exception:   # aborting is a best effort on a group already lost; the failure itself is recorded
+        logger.exception("aborting the NCCL communicators of a lost tensor-parallel group failed")
 
 
 def _terminate(procs: list[BaseProcess]) -> None:
