@@ -7,9 +7,10 @@ model-dtype cache without sparsity through LLM.generate. Nominal compression = t
 (phase 1 keeps pruned tokens' memory allocated: this is what unified paging will free); the share of
 (token, layer, head) entries the windows actually kept is reported beside it.
 
-Usage: python bench/kv_sparsity.py; env FORMATS (bf16,K8V4,K4V4), RATIOS (0.5,0.25,0.125), WINDOW_MODE_FORMATS
+Usage: python bench/kv_sparsity.py; env MODEL (smollm2 | qwen-coder, as kv_accuracy.py), FORMATS (bf16,K8V4,K4V4), RATIOS (0.5,0.25,0.125), WINDOW_MODE_FORMATS
 (formats also run with the SnapKV-style "window" importance; default bf16), plus kv_accuracy's WINDOWS, WINDOW,
-CHUNK, PROMPTS, MAX_TOKENS. JSON to $OUT (default bench/results)/kv_sparsity-cpu.json, rewritten after every run.
+CHUNK, PROMPTS, MAX_TOKENS. JSON to $OUT (default bench/results)/kv_sparsity-cpu.json (-qwen-coder for that model),
+rewritten after every run.
 On a shared CPU run it with OMP_NUM_THREADS=1 (oversubscribed OpenMP threads made runs 10x slower).
 """
 from __future__ import annotations
@@ -22,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kv_accuracy import (BLOCK_SIZE, CHUNK, MAX_TOKENS, NUM_PROMPTS, WINDOW, WINDOWS, agreement,  # noqa: E402
-                         greedy, perplexity, prompt_set, text_windows)
+from kv_accuracy import (BLOCK_SIZE, CHUNK, CODER, MAX_TOKENS, NUM_PROMPTS, WINDOW, WINDOWS,  # noqa: E402
+                         agreement, greedy, perplexity, prompt_set, text_windows)
 
 from ccserve import LLM  # noqa: E402
 from ccserve.bench.throughput import commit, machine  # noqa: E402
-from ccserve.models.default import default_model_dir  # noqa: E402
+from ccserve.models.default import default_model_dir, qwen_coder_dir  # noqa: E402
 
 FORMATS = os.environ.get("FORMATS", "bf16,K8V4,K4V4").split(",")
 RATIOS = [float(r) for r in os.environ.get("RATIOS", "0.5,0.25,0.125").split(",")]
@@ -66,7 +67,7 @@ def run(model: Path, fmt: str, ratio: float | None, importance: str) -> tuple[di
 
 
 def main() -> None:
-    model = default_model_dir()
+    model = qwen_coder_dir() if CODER else default_model_dir()
     result = dict(machine=machine(), commit=commit(), model=model.name, windows=WINDOWS, window_tokens=WINDOW,
                   chunk=CHUNK, prompts=NUM_PROMPTS, max_tokens=MAX_TOKENS, block_size=BLOCK_SIZE,
                   sinks=4, recent_window=32, results=[])
@@ -82,7 +83,8 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         out_dir = Path(os.environ.get("OUT", "bench/results"))     # after every run: a cut-short run keeps its rows
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "kv_sparsity-cpu.json").write_text(json.dumps(result, indent=1))
+        name = "kv_sparsity-cpu-qwen-coder.json" if CODER else "kv_sparsity-cpu.json"
+        (out_dir / name).write_text(json.dumps(result, indent=1))
     print(f"\n{model.name}, {WINDOWS} windows x {WINDOW} tokens in chunks of {CHUNK}; "
           f"{NUM_PROMPTS} prompts x {MAX_TOKENS} greedy tokens\n")
     print("| format | R | importance | compression | kept | perplexity | change | identical greedy "
