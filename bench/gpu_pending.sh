@@ -17,6 +17,8 @@
 #   tpcc     issue 10 (2 GPUs): sealed collectives captured in graphs: model level at TP=2, then the engine rows
 #   tppeer   issue 10 (2 GPUs): the one-shot all-reduce over peer memory: model level at TP=2 (NCCL beside it),
 #            then the engine rows
+#   sealed   issue 10 (2 GPUs): one sealed all-reduce and its parts per call, with a kernel table (gpu_sealed.py)
+#   aes      issue 4: GPU AES-GCM, both paths checked against OpenSSL, then 1 / 4 / 64 / 1024 MiB
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -57,6 +59,8 @@ for s in ${STAGES:-cc weights kv lora swap}; do
         tppeer) stage tppeer-model 200 env SIZES=2 ALL_REDUCES=nccl,peer python3 bench/gpu_tp.py
                 stage tppeer-engine 200 env TP=2 TP_ALL_REDUCE=peer SKIP_BATCH1=1 \
                     python3 bench/gpu_engine.py A-mixed C-decode ;;
+        sealed) stage sealed 150 python3 bench/gpu_sealed.py ;;
+        aes) stage aes 240 bash -c "cd bench && python3 secure_kernel.py --sizes-mib 1,4,64,1024" ;;
         *) echo "unknown stage $s" ;;
     esac
 done
