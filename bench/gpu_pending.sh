@@ -5,7 +5,9 @@
 # Needs the cryptography wheel carried in .whl/ (see README "GPU runs"). Results and logs go to $OUT.
 #
 #   cc       issue 6 row 4: the always-on per-step cost of --cc naive/pipelined on A-mixed and C-decode (goal < 2%)
-#   weights  issue 6 row 2: OPT-30B weight streaming, off and pipelined (goal: off >= 4x vLLM's 12.8 tok/s)
+#   weights  issue 6 row 2: OPT-30B weight streaming, off and pipelined (goal: off >= 4x vLLM's 12.8 tok/s), on
+#            vLLM's workload: 64 requests of 512 prompt and 32 output tokens, 35 of 48 layers (40 GiB) on the host;
+#            WEIGHT_MODES picks the modes (pipelined alone needs most of a call), WEIGHTS_LIMIT_S the time limit
 #   kv       issue 7: fp8/K8V8 engine rows with more sequences admitted (B-pressure, max_num_seqs 512)
 #   lora     issue 6 row 3: 64 rank-16 adapters, Zipf, 8 GPU slots
 #   swap     issue 6 row 1: B-pressure with swap preemption, off/naive/pipelined
@@ -40,8 +42,8 @@ stage() {   # name, seconds, command...: run one stage under a time limit, keep 
 for s in ${STAGES:-cc weights kv lora swap}; do
     case $s in
         cc) stage cc 200 env MODES=off,pipelined REPEATS=1 python3 bench/gpu_cc.py A-mixed C-decode ;;
-        weights) stage weights 280 env MODES=off,pipelined BATCHES=32 TIME_LIMIT_S=150 \
-                     python3 bench/gpu_weight_stream.py opt-30b ;;
+        weights) stage weights "${WEIGHTS_LIMIT_S:-280}" env MODES="${WEIGHT_MODES:-off,pipelined}" BATCHES=64 GEN=32 \
+                     STREAM_FRACTION=0.729 CC_THREADS=14 TIME_LIMIT_S=150 python3 bench/gpu_weight_stream.py opt-30b ;;
         kv) stage kv 260 env SKIP_KERNEL=1 WORKLOADS=B-pressure MAX_NUM_SEQS=512 ENGINE_PRESETS="fp8 K8V8" \
                 python3 bench/gpu_kv_formats.py fp8 K8V8 ;;
         lora) stage lora 240 python3 bench/gpu_lora.py ;;

@@ -64,10 +64,8 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def close(llm: LLM) -> None:
-    """Give back what an engine holds (channel threads, pinned host copies) before the next one loads."""
-    llm.close()
-    del llm
+def release() -> None:
+    """Give back what a closed engine held (GPU memory, pinned host copies) once nothing refers to it."""
     gc.collect()
     torch.cuda.empty_cache()
     if hasattr(torch._C, "_host_emptyCache"):
@@ -101,13 +99,17 @@ def check_tiny() -> dict:
     kw = dict(dtype="bfloat16", max_model_len=128, num_gpu_blocks=64, enforce_eager=True, privacy="open")
     resident = LLM(path, **kw)
     want = [o.token_ids for o in resident.generate(prompts, params)]
-    close(resident)
+    resident.close()
+    del resident
+    release()
     out = {}
     for cc in MODES:
         llm = LLM(path, cc=cc, cc_threads=2, gpu_weight_budget_gb=tiny_llm_budget(path, cc), **kw)
         out[cc] = dict(tokens_equal=[o.token_ids for o in llm.generate(prompts, params)] == want,
                        streamed_layers=llm.engine.runner.weights.num_streamed)
-        close(llm)
+        llm.close()
+        del llm
+        release()
         print("check", cc, out[cc], flush=True)
         if not out[cc]["tokens_equal"]:
             raise SystemExit(f"streamed greedy tokens differ from resident ones under --cc {cc}: not timing")
@@ -124,6 +126,32 @@ def tiny_llm_budget(path: str, cc: str) -> float:
     raise AssertionError("a 1e-9 GiB budget was accepted")
 
 
+def time_mode(name: str, model_dir: Path, cc: str, budget: float, prompts: dict[int, list[list[int]]]) -> dict:
+    """One engine under one --cc mode: each batch once after a warm-up. The engine is closed before this returns,
+    so that no reference to it outlives the call (the next mode's engine needs its GPU memory)."""
+    params = SamplingParams(temperature=0, max_tokens=GEN, ignore_eos=True)
+    t = time.perf_counter()
+    llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", privacy="open", cc=cc, cc_threads=THREADS,
+              gpu_weight_budget_gb=budget, max_model_len=PROMPT + GEN + 16, max_num_seqs=max(BATCHES),
+              max_num_batched_tokens=max(BATCHES) * PROMPT, gpu_memory_utilization=0.9)
+    mode = dict(startup_s=round(time.perf_counter() - t, 1), results={})
+    # warm-up: prefill, a decode window (Triton compiles for this model's shapes in the first mode)
+    llm.generate(prompts[BATCHES[0]][:2], SamplingParams(temperature=0, max_tokens=min(GEN, 3), ignore_eos=True))
+    for b in BATCHES:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        llm.generate(prompts[b], params)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        mode["results"][str(b)] = dict(seconds=round(dt, 2), output_tok_s=round(b * GEN / dt, 2),
+                                       total_tok_s=round(b * (PROMPT + GEN) / dt, 1))
+        print(name, cc, "batch", b, mode["results"][str(b)], flush=True)
+    mode["stream"] = stream_stats(llm)
+    print(name, cc, mode["stream"], flush=True)
+    llm.close()
+    return mode
+
+
 def run_model(name: str) -> dict:
     model_dir = MODELS / name
     layer, rest, n = opt_sizes(model_dir)
@@ -136,32 +164,13 @@ def run_model(name: str) -> dict:
     budget = budget_gib(model_dir)
     row = dict(model_gb=round(need / 1e9, 1), budget_gib=round(budget, 2), modes={})
     prompts = {b: [[(7 * i + 13 * j) % 50000 + 3 for j in range(PROMPT)] for i in range(b)] for b in BATCHES}
-    params = SamplingParams(temperature=0, max_tokens=GEN, ignore_eos=True)
     for cc in MODES:
         if time.perf_counter() - START > TIME_LIMIT_S:
             row["modes"][cc] = dict(skipped=f"time limit: {TIME_LIMIT_S:.0f} s spent before this mode started")
             print(name, cc, row["modes"][cc]["skipped"], flush=True)
             continue
-        t = time.perf_counter()
-        llm = LLM(str(model_dir), load_format="dummy", dtype="bfloat16", privacy="open", cc=cc, cc_threads=THREADS,
-                  gpu_weight_budget_gb=budget, max_model_len=PROMPT + GEN + 16, max_num_seqs=max(BATCHES),
-                  max_num_batched_tokens=max(BATCHES) * PROMPT, gpu_memory_utilization=0.9)
-        mode = dict(startup_s=round(time.perf_counter() - t, 1), results={})
-        # warm-up: prefill, a decode window (Triton compiles for this model's shapes in the first mode)
-        llm.generate(prompts[BATCHES[0]][:2], SamplingParams(temperature=0, max_tokens=min(GEN, 3), ignore_eos=True))
-        for b in BATCHES:
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            llm.generate(prompts[b], params)
-            torch.cuda.synchronize()
-            dt = time.perf_counter() - t
-            mode["results"][str(b)] = dict(seconds=round(dt, 2), output_tok_s=round(b * GEN / dt, 2),
-                                           total_tok_s=round(b * (PROMPT + GEN) / dt, 1))
-            print(name, cc, "batch", b, mode["results"][str(b)], flush=True)
-        mode["stream"] = stream_stats(llm)
-        print(name, cc, mode["stream"], flush=True)
-        row["modes"][cc] = mode
-        close(llm)
+        row["modes"][cc] = time_mode(name, model_dir, cc, budget, prompts)
+        release()
     return row
 
 

@@ -596,6 +596,7 @@ class ModelRunner:
         self.model.compute_logits(hidden[:rows])
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - temp.nbytes
+        KVCache.unbind(self.attn_layers)    # the layers' views would keep the temporary cache alive
         del temp, hidden
         torch.cuda.empty_cache()
         budget = total * self.config.gpu_memory_utilization - non_torch - peak - GPU_MEMORY_MARGIN_BYTES

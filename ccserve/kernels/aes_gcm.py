@@ -491,9 +491,9 @@ def _sbox(x):
 
 @triton.jit
 def _rotr(x, n: tl.constexpr):
-    if n == 0:
-        return x
-    return (x >> n) | (x << (32 - n))
+    # No early return for n = 0: Triton's compiler also builds the statement after a constexpr-if's return, and
+    # x << 32 is undefined. Shifting left by (32 - n) % 32 makes n = 0 give x | x = x.
+    return (x >> n) | (x << ((32 - n) % 32))
 
 
 @triton.jit

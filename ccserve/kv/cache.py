@@ -77,6 +77,13 @@ class KVCache:
                 layer.pruned = self.sparse.pruned[i]
                 layer.importance = self.sparse.importance[i]
 
+    @staticmethod
+    def unbind(attn_layers: list[nn.Module]) -> None:
+        """Drop the layers' views of whatever cache they were bound to, so that its memory can be given back."""
+        for layer in attn_layers:
+            layer.k_cache = layer.v_cache = torch.empty(0)
+            layer.pruned = layer.importance = None
+
     def scrub(self, block_ids: list[int]) -> None:
         """Zero the given blocks in every layer: codes, scales and zero points of keys and values, one batched
         kernel per tensor. The block ids go over from pinned memory, non-blocking: a copy from pageable memory

@@ -38,3 +38,29 @@ def test_scatter_refuses_data_of_another_size():
     cache = filled_cache("K8V4", 0)
     with pytest.raises(ValueError, match="another cache format"):
         cache.scatter([0], filled_cache("bf16", 0).gather([0]))
+
+
+class _Layer(torch.nn.Module):
+    """What bind touches on an attention layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k_cache = self.v_cache = torch.empty(0)
+        self.pruned = self.importance = None
+
+
+def test_unbind_lets_a_bound_cache_be_freed():
+    """The engine's memory profile binds a temporary cache: the layers' views must not keep it alive after."""
+    import gc
+    import weakref
+    layers = [_Layer(), _Layer()]
+    cache = KVCache(2, 2, 8, 32, num_blocks=4, dtype=torch.float32, device=torch.device("cpu"), sparse=True)
+    cache.bind(layers)
+    storage = weakref.ref(cache.k.untyped_storage())
+    del cache
+    gc.collect()
+    assert storage() is not None          # bound: the layers hold views
+    KVCache.unbind(layers)
+    gc.collect()
+    assert storage() is None
+    assert all(layer.k_cache.numel() == 0 and layer.pruned is None for layer in layers)
