@@ -42,7 +42,7 @@ stage() {   # name, seconds, command...: run one stage under a time limit, keep 
 for s in ${STAGES:-cc weights kv lora swap}; do
     case $s in
         cc) stage cc 200 env MODES=off,pipelined REPEATS=1 python3 bench/gpu_cc.py A-mixed C-decode ;;
-        weights) stage weights "${WEIGHTS_LIMIT_S:-280}" env MODES="${WEIGHT_MODES:-off,pipelined}" BATCHES=64 GEN=32 \
+        weights) stage weights "${WEIGHTS_LIMIT_S:-280}" env MODES="${WEIGHT_MODES:-off,pipelined}" BATCHES="${WEIGHT_BATCHES:-64}" GEN="${WEIGHT_GEN:-32}" \
                      STREAM_FRACTION=0.729 CC_THREADS=14 TIME_LIMIT_S=150 python3 bench/gpu_weight_stream.py opt-30b ;;
         kv) stage kv 260 env SKIP_KERNEL=1 WORKLOADS=B-pressure MAX_NUM_SEQS=512 ENGINE_PRESETS="fp8 K8V8" \
                 python3 bench/gpu_kv_formats.py fp8 K8V8 ;;

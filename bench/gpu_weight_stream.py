@@ -13,10 +13,13 @@ Usage (on the GPU machine, repository root): python bench/gpu_weight_stream.py [
 Env: OUT (directory for the JSON), CCSERVE_COMMIT (commit id; the device copy has no .git), CC_THREADS (default 8),
 BATCHES (default "16,32"), PROMPT (default 512), GEN (default 8), MODES (default "naive,pipelined,off": off last,
 since its pinned host copies stay cached by the host allocator), STREAM_FRACTION (share of layers to stream,
-default 0.5), TIME_LIMIT_S (default 420: later modes are skipped, and say so, so the run ends in < 8 minutes).
+default 0.5), TIME_LIMIT_S (default 420: later modes are skipped, and say so, so the run ends in < 8 minutes), STACKS_EVERY_S
+(dump every thread's stack this often: where a slow run spends its time), SKIP_CHECK=1 (no tiny-model check:
+for a call that only times a mode whose check passed in an earlier call; ~100 s of Triton compiles saved).
 """
 from __future__ import annotations
 
+import faulthandler
 import gc
 import json
 import os
@@ -41,6 +44,7 @@ BATCHES = [int(b) for b in os.environ.get("BATCHES", "16,32").split(",")]
 PROMPT, GEN = int(os.environ.get("PROMPT", 512)), int(os.environ.get("GEN", 8))
 FRACTION = float(os.environ.get("STREAM_FRACTION", 0.5))
 TIME_LIMIT_S = float(os.environ.get("TIME_LIMIT_S", 420))   # no new engine starts after this: the run stays < 8 min
+STACKS_EVERY_S = float(os.environ.get("STACKS_EVERY_S", 0))  # > 0: every thread's stack to stderr this often
 START = time.perf_counter()
 
 
@@ -135,6 +139,7 @@ def time_mode(name: str, model_dir: Path, cc: str, budget: float, prompts: dict[
               gpu_weight_budget_gb=budget, max_model_len=PROMPT + GEN + 16, max_num_seqs=max(BATCHES),
               max_num_batched_tokens=max(BATCHES) * PROMPT, gpu_memory_utilization=0.9)
     mode = dict(startup_s=round(time.perf_counter() - t, 1), results={})
+    print(name, cc, "started in", mode["startup_s"], "s", flush=True)
     # warm-up: prefill, a decode window (Triton compiles for this model's shapes in the first mode)
     llm.generate(prompts[BATCHES[0]][:2], SamplingParams(temperature=0, max_tokens=min(GEN, 3), ignore_eos=True))
     for b in BATCHES:
@@ -175,12 +180,14 @@ def run_model(name: str) -> dict:
 
 
 def main() -> None:
+    if STACKS_EVERY_S > 0:      # a poor man's sampling profiler: where each thread is, every few seconds
+        faulthandler.dump_traceback_later(STACKS_EVERY_S, repeat=True)
     out_dir = Path(os.environ.get("OUT", "bench/results"))
     names = sys.argv[1:] or ["opt-30b", "opt-66b"]
     result = dict(machine=machine(), commit=commit(), cc_threads=THREADS, cpu_count=os.cpu_count(),
                   host_memory_gb=round(host_memory_bytes() / 1e9), batches=BATCHES, prompt=PROMPT, gen=GEN,
                   stream_fraction=FRACTION, modes=MODES, check=None, models={})
-    result["check"] = check_tiny()
+    result["check"] = "skipped (SKIP_CHECK)" if os.environ.get("SKIP_CHECK") else check_tiny()
     for name in names:
         result["models"][name] = run_model(name)
         out_dir.mkdir(parents=True, exist_ok=True)
