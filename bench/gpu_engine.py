@@ -6,7 +6,8 @@ MAX_NUM_SEQS, MAX_BATCHED, SKIP_CHECK=1, SKIP_BATCH1=1, AB=1 (each workload also
 windows, runs interleaved on the same GPU: an A/B that machine-to-machine spread cannot blur), SCRUB_AB=1 (each
 workload also with KV scrubbing replaced by a no-op, interleaved: what scrubbing costs), TP (tensor-parallel
 size: that many visible GPUs, the tiny-model check included), CC_MODE (off/naive/pipelined, default off), KV_FORMAT
-(a KV preset such as fp8 or K8V8; default bf16), TP_ALL_REDUCE (nccl or peer, default nccl).
+(a KV preset such as fp8 or K8V8; default bf16), TP_ALL_REDUCE (nccl or peer, default nccl), KV_SPARSITY (the
+--kv-sparsity ratio; default off).
 """
 from __future__ import annotations
 
@@ -110,6 +111,8 @@ def main() -> None:
     kv_format = os.environ.get("KV_FORMAT", "bf16")
     if kv_format != "bf16":
         kwargs["kv_format"] = kv_format
+    if os.environ.get("KV_SPARSITY"):
+        kwargs["kv_sparsity"] = float(os.environ["KV_SPARSITY"])
     t = time.perf_counter()
     llm = LLM(str(MODEL), **kwargs)
     result["startup_s"] = round(time.perf_counter() - t, 1)

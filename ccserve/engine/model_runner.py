@@ -168,7 +168,7 @@ class ModelRunner:
         layer = self.attn_layers[0]
         self.kv_shape = (len(self.attn_layers), layer.num_kv_heads, self.block_size, layer.head_dim)
         self.kv_format = kv_format(config.kv_format).resolve(layer.head_dim, self.block_size)
-        self.sparsity = _sparsity_policy(config, self.device)
+        self.sparsity = _sparsity_policy(config)
         num_blocks = config.num_gpu_blocks or self._fit_free(self._profile_num_blocks())
         num_blocks = tp.min_over_ranks(num_blocks, self.device)  # every rank holds a slice of the same blocks
         self.kv_cache = self._new_cache(num_blocks)
@@ -655,14 +655,11 @@ def resolve_max_model_len(config: EngineConfig, hf_config) -> int:
     return config.max_model_len
 
 
-def _sparsity_policy(config: EngineConfig, device: torch.device) -> SparsityPolicy | None:
-    """--kv-sparsity's policy, or None when off. Phase 1 scores tokens in the attention reference only: on a GPU the
-    Triton kernels honour the pruned mask but do not yet write importance scores, so the GPU path is refused."""
+def _sparsity_policy(config: EngineConfig) -> SparsityPolicy | None:
+    """--kv-sparsity's policy, or None when off. The attention scores the tokens as it runs: the reference on the
+    CPU, the Triton kernels plus a second pass over the keys on a GPU (kernels/attention_importance.py)."""
     if config.kv_sparsity is None:
         return None
-    if device.type == "cuda":
-        raise ValueError("--kv-sparsity runs on the CPU only for now (the GPU attention kernels do not yet write the "
-                         "importance scores it needs): drop --kv-sparsity, or run with --device cpu")
     return SparsityPolicy(config.kv_sparsity, config.kv_sink_tokens, config.kv_recent_window, config.kv_importance)
 
 

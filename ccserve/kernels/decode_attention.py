@@ -15,10 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ccserve.kernels.attention_importance import add_decode_importance
 from ccserve.kernels.device import num_sms
 from ccserve.kernels.kv_quant import PagedCache, cache_dims, head_bases, kernel_args
 from ccserve.kernels.prefill_attention import (LOG2E, add_importance, attend_kv_tile, dot_types, gather_kv,
-                                               pruned_args, pruned_heads, pruned_strides)
+                                               pruned_args, pruned_heads, pruned_strides, store_lse)
 
 MIN_SPLIT_TOKENS = 256       # do not split a context into pieces shorter than this
 MAX_SPLITS = 64
@@ -73,7 +74,7 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_
 @triton.jit(do_not_specialize=["stride_bt"])
 def _decode_partial_kernel(
         Q, KCache, KScale, KZero, VCache, VScale, VZero, SeqLens, BlockTables, Out, PartM, PartL, PartAcc, Pruned,
-        qk_scale, stride_pb, stride_ph, stride_ps,
+        Lse, qk_scale, stride_pb, stride_ph, stride_ps,
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd, stride_ksb, stride_ksh, stride_kss, stride_ksc,
         stride_vb, stride_vh, stride_vs, stride_vd, stride_vsb, stride_vsh, stride_vss, stride_vsc,
@@ -83,11 +84,12 @@ def _decode_partial_kernel(
         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
         K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_GROUP: tl.constexpr,
         V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr,
-        SPARSE: tl.constexpr):
+        SPARSE: tl.constexpr, WRITE_LSE: tl.constexpr):
     """Online softmax of one group of query heads over one split of one sequence's context.
 
-    With one split the normalized result goes straight to Out; otherwise the running max (log2 domain),
-    the sum of exponentials and the unnormalized accumulator go to the Part* buffers for the reduce kernel.
+    With one split the normalized result goes straight to Out (and with WRITE_LSE each head's log2-sum-exp of
+    scores to Lse [B, H]: see store_lse); otherwise the running max (log2 domain), the sum of exponentials and
+    the unnormalized accumulator go to the Part* buffers for the reduce kernel.
     """
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -128,6 +130,8 @@ def _decode_partial_kernel(
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(Out + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  out.to(Out.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+        if WRITE_LSE:
+            store_lse(Lse + seq * GROUP * tl.num_programs(1) + heads, m_i, l_i, g_mask)
     else:
         num_heads = GROUP * tl.num_programs(1)
         part = (seq * num_heads + heads) * NUM_SPLITS + split          # index into [B, H, NUM_SPLITS]
@@ -137,8 +141,9 @@ def _decode_partial_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(Out, PartM, PartL, PartAcc, stride_ob, stride_oh, stride_od,
-                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _decode_reduce_kernel(Out, PartM, PartL, PartAcc, Lse, stride_ob, stride_oh, stride_od,
+                          HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+                          WRITE_LSE: tl.constexpr):
     """Merge the splits of one (sequence, head): rescale each by exp2(m_split - m_max) and normalize.
 
     Empty splits carry m = -inf, l = 0; a sequence with no tokens at all (padding) yields zeros.
@@ -158,6 +163,8 @@ def _decode_reduce_kernel(Out, PartM, PartL, PartAcc, stride_ob, stride_oh, stri
     out = tl.sum(acc * w[:, None], 0) / tl.where(l_sum == 0.0, 1.0, l_sum)
     tl.store(Out + seq * stride_ob + head * stride_oh + offs_d * stride_od, out.to(Out.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
+    if WRITE_LSE:
+        store_lse(Lse + seq * tl.num_programs(1) + head, m_max, l_sum, True)
 
 
 def num_decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int,
@@ -176,10 +183,12 @@ def num_decode_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
                             seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                             out: torch.Tensor | None = None, num_splits: int | None = None,
-                            config: DecodeConfig | None = None, pruned: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as decode_attention_ref (importance aside: kv/sparsity.py); num_splits (a power of two) and
-    config override the defaults (tests, tuning). The keep mask is one byte per token and head, read beside each
-    tile's page; shapes and grid do not depend on it, so the launch stays CUDA-graph safe."""
+                            config: DecodeConfig | None = None, pruned: torch.Tensor | None = None,
+                            lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as decode_attention_ref (importance aside: attention_importance.py adds it from `lse`);
+    num_splits (a power of two) and config override the defaults (tests, tuning). The keep mask is one byte per
+    token and head, read beside each tile's page; shapes and grid do not depend on it, so the launch stays
+    CUDA-graph safe. lse: a float32 [B, H] tensor to receive each head's log2-sum-exp of scores (store_lse)."""
     out = torch.empty_like(q) if out is None else out
     batch, num_heads, head_dim = q.shape
     num_kv_heads, block_size = cache_dims(k_cache)
@@ -202,16 +211,16 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | PagedCache,
     v_ptrs, v_strides, v_consts = kernel_args(v_cache, "V")
     _decode_partial_kernel[(batch, num_kv_heads, num_splits)](
         q, *k_ptrs, *v_ptrs, seq_lens, block_tables, out, part_m, part_l, part_acc, *pruned_args(pruned, q),
-        scale * LOG2E, *pruned_strides(pruned),
+        out if lse is None else lse, scale * LOG2E, *pruned_strides(pruned),
         *q.stride(), *k_strides, *v_strides, block_tables.stride(0), *out.stride(),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_N=cfg.block_n,
         DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        SPARSE=pruned is not None, **k_consts, **v_consts)
+        SPARSE=pruned is not None, WRITE_LSE=lse is not None, **k_consts, **v_consts)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            out, part_m, part_l, part_acc, *out.stride(),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_D=block_d, num_warps=4)
+            out, part_m, part_l, part_acc, out if lse is None else lse, *out.stride(),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_D=block_d, WRITE_LSE=lse is not None, num_warps=4)
     return out
 
 
@@ -219,10 +228,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cach
                      seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                      out: torch.Tensor | None = None, pruned: torch.Tensor | None = None,
                      importance: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton kernels on a GPU, the reference elsewhere. Importance scores come from the reference only (phase 1:
-    the engine refuses --kv-sparsity on CUDA until a kernel writes them)."""
-    if q.is_cuda:
-        if importance is not None:
-            raise NotImplementedError("importance scores are not computed on the GPU yet (--kv-sparsity is CPU-only)")
-        return decode_attention_triton(q, k_cache, v_cache, seq_lens, block_tables, scale, out, pruned=pruned)
-    return decode_attention_ref(q, k_cache, v_cache, seq_lens, block_tables, scale, out, pruned, importance)
+    """The Triton kernels on a GPU, the reference elsewhere. With importance (--kv-sparsity), the attention also
+    writes each head's log2-sum-exp and a second kernel adds the tokens' attention mass from it."""
+    if not q.is_cuda:
+        return decode_attention_ref(q, k_cache, v_cache, seq_lens, block_tables, scale, out, pruned, importance)
+    lse = None if importance is None else torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    out = decode_attention_triton(q, k_cache, v_cache, seq_lens, block_tables, scale, out, pruned=pruned, lse=lse)
+    if importance is not None:
+        add_decode_importance(q, k_cache, seq_lens, block_tables, scale, lse, importance, pruned)
+    return out

@@ -120,27 +120,15 @@ def dot_types(q: torch.Tensor) -> tuple[bool, str]:
 
 
 @triton.jit
-def attend_kv_tile(q, acc, l_i, m_i, k_data, k_scale, k_zero, v_data, v_scale, v_zero, table, tile_start, limit,
-                   visible, qk_scale, pruned, stride_pb, stride_ps,
-                   stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
-                   stride_vb, stride_vs, stride_vd, stride_vsb, stride_vss, stride_vsc,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
-                   K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_GROUP: tl.constexpr,
-                   V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr,
-                   SPARSE: tl.constexpr = False):
-    """Fold the cached tokens at positions tile_start .. tile_start + BLOCK_N - 1 (those < limit) into the online
-    softmax (acc, l_i, m_i). tile_start is a multiple of BLOCK_N (quantized tiles rely on it).
-
-    q: [M, D] in the dot dtype; k_*/v_* point at one KV head's codes, scales and zero points
-    (kv_quant.head_bases); each token's page comes from the block table. A quantized tile is dequantized in
-    registers, except where a format has one scale per token and head (fp8, int8 values): there the dot runs on
-    the codes (exact in bf16) and the scale multiplies the scores, or the probabilities, a BLOCK_N-th of the
-    work (a zero point adds sum(q) * zero, or sum(p * zero)). With MASKED, visible ([M, N] or broadcastable) decides which scores count. Scores are in the
-    log2 domain. With SPARSE, pruned points at this KV head's keep-mask pages ([blocks, Hk, block_size] uint8, nonzero
-    = pruned): one byte per token of the tile is loaded beside its page, and a pruned token's score is -inf. A tile
-    can then hide every token from a row, so the running max is kept finite for the rescale (no NaN from -inf - -inf).
-    """
+def key_scores(q, k_data, k_scale, k_zero, table, tile_start, limit, qk_scale,
+               stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+               DOT_PRECISION: tl.constexpr,
+               K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_GROUP: tl.constexpr):
+    """Scores (log2 domain) of q [M, D] against the cached keys at tile_start .. tile_start + BLOCK_N - 1, and
+    each token's page, row and whether it is < limit (scores of tokens past it are finite garbage: mask them).
+    A quantized tile is dequantized in registers, except where the keys have one scale per token and head: there
+    the dot runs on the codes and the scale multiplies the scores (a zero point adds sum(q) * zero)."""
     pos = tile_start + tl.arange(0, BLOCK_N)
     pos_mask = pos < limit
     page = tl.load(table + pos // BLOCK_SIZE, mask=pos_mask, other=0).to(tl.int64)
@@ -158,6 +146,35 @@ def attend_kv_tile(q, acc, l_i, m_i, k_data, k_scale, k_zero, v_data, v_scale, v
                          stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
                          BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, K_KIND, K_BITS, K_AXIS, K_GROUP)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale
+    return s, page, row, pos_mask
+
+
+@triton.jit
+def attend_kv_tile(q, acc, l_i, m_i, k_data, k_scale, k_zero, v_data, v_scale, v_zero, table, tile_start, limit,
+                   visible, qk_scale, pruned, stride_pb, stride_ps,
+                   stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
+                   stride_vb, stride_vs, stride_vd, stride_vsb, stride_vss, stride_vsc,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
+                   K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_GROUP: tl.constexpr,
+                   V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr,
+                   SPARSE: tl.constexpr = False):
+    """Fold the cached tokens at positions tile_start .. tile_start + BLOCK_N - 1 (those < limit) into the online
+    softmax (acc, l_i, m_i). tile_start is a multiple of BLOCK_N (quantized tiles rely on it).
+
+    q: [M, D] in the dot dtype; k_*/v_* point at one KV head's codes, scales and zero points
+    (kv_quant.head_bases); each token's page comes from the block table. Scores come from key_scores; values
+    are dequantized in registers, except where they have one scale per token and head (fp8, int8 values): there
+    the dot runs on the codes (exact in bf16) and the scale multiplies the probabilities, a BLOCK_N-th of the
+    work (a zero point adds sum(p * zero)). With MASKED, visible ([M, N] or broadcastable) decides which scores count. Scores are in the
+    log2 domain. With SPARSE, pruned points at this KV head's keep-mask pages ([blocks, Hk, block_size] uint8, nonzero
+    = pruned): one byte per token of the tile is loaded beside its page, and a pruned token's score is -inf. A tile
+    can then hide every token from a row, so the running max is kept finite for the rescale (no NaN from -inf - -inf).
+    """
+    s, page, row, pos_mask = key_scores(q, k_data, k_scale, k_zero, table, tile_start, limit, qk_scale,
+                                        stride_kb, stride_ks, stride_kd, stride_ksb, stride_kss, stride_ksc,
+                                        BLOCK_N, BLOCK_D, HEAD_DIM, BLOCK_SIZE, DOT_PRECISION,
+                                        K_KIND, K_BITS, K_AXIS, K_GROUP)
     if MASKED:
         s = tl.where(visible, s, float("-inf"))
     if SPARSE:
@@ -202,7 +219,7 @@ def _find_sequence(CuSeqlensQ, num_seqs, slot, BLOCK_M: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_seqs", "num_slots", "stride_bt"])
 def _prefill_kernel(
-        Q, KCache, KScale, KZero, VCache, VScale, VZero, CuSeqlensQ, SeqLens, BlockTables, Out, Pruned, qk_scale,
+        Q, KCache, KScale, KZero, VCache, VScale, VZero, CuSeqlensQ, SeqLens, BlockTables, Out, Pruned, Lse, qk_scale,
         num_seqs, num_slots, stride_pb, stride_ph, stride_ps,
         stride_qt, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_ks, stride_kd, stride_ksb, stride_ksh, stride_kss, stride_ksc,
@@ -213,8 +230,9 @@ def _prefill_kernel(
         DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
         K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_AXIS: tl.constexpr, K_GROUP: tl.constexpr,
         V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_AXIS: tl.constexpr, V_GROUP: tl.constexpr,
-        SPARSE: tl.constexpr):
-    """One program: BLOCK_M queries of one head of one sequence.
+        SPARSE: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """One program: BLOCK_M queries of one head of one sequence (with WRITE_LSE, each query's log2-sum-exp of
+    scores goes to Lse [T, NUM_HEADS] too: store_lse).
 
     Programs are numbered (tile slot, head) with head fastest, so the heads of one GQA group run side by side
     (their K/V tiles are shared in L2), and slots in reverse so each sequence's longest causal rows start
@@ -276,13 +294,25 @@ def _prefill_kernel(
     out = acc / l_i[:, None]
     tl.store(Out + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    if WRITE_LSE:
+        store_lse(Lse + tokens * NUM_HEADS + head, m_i, l_i, m_mask)
+
+
+@triton.jit
+def store_lse(ptrs, m, l, mask):
+    """A row's log2-sum-exp of its scores (m + log2 l, scores in the log2 domain), from which a second pass
+    recovers each probability as exp2(score - lse) (kernels/attention_importance.py). A row that saw no token
+    (l = 0: padding, or every token pruned) gets +inf, so its probabilities come out 0, not NaN."""
+    tl.store(ptrs, tl.where(l > 0.0, m + tl.log2(tl.where(l > 0.0, l, 1.0)), float("inf")), mask=mask)
 
 
 def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cache: torch.Tensor | PagedCache,
                              cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                              scale: float, max_query_len: int, out: torch.Tensor | None = None,
-                             config: PrefillConfig | None = None, pruned: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as prefill_attention_ref (importance aside: kv/sparsity.py); config overrides the tile
+                             config: PrefillConfig | None = None, pruned: torch.Tensor | None = None,
+                             lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as prefill_attention_ref (importance aside: attention_importance.py adds it from `lse`, a
+    float32 [T, H] tensor that receives each query's log2-sum-exp of scores); config overrides the tile
     defaults (tests, tuning).
 
     max_query_len is not needed here: the grid is sized from the number of tokens and sequences.
@@ -299,13 +329,14 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor | PagedCache
     k_ptrs, k_strides, k_consts = kernel_args(k_cache, "K")
     v_ptrs, v_strides, v_consts = kernel_args(v_cache, "V")
     _prefill_kernel[(num_slots * num_heads,)](
-        q, *k_ptrs, *v_ptrs, cu_seqlens_q, seq_lens, block_tables, out, *pruned_args(pruned, q), scale * LOG2E,
+        q, *k_ptrs, *v_ptrs, cu_seqlens_q, seq_lens, block_tables, out, *pruned_args(pruned, q),
+        out if lse is None else lse, scale * LOG2E,
         num_seqs, num_slots, *pruned_strides(pruned),
         *q.stride(), *k_strides, *v_strides, block_tables.stride(0), *out.stride(),
         NUM_HEADS=num_heads, GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         DOT_FP32=dot_fp32, DOT_PRECISION=dot_precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        SPARSE=pruned is not None, **k_consts, **v_consts)
+        SPARSE=pruned is not None, WRITE_LSE=lse is not None, **k_consts, **v_consts)
     return out
 
 
@@ -322,12 +353,15 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor | PagedCache, v_cac
                       cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                       max_query_len: int, out: torch.Tensor | None = None, pruned: torch.Tensor | None = None,
                       importance: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton kernel on a GPU, the reference elsewhere. Importance scores come from the reference only (phase 1:
-    the engine refuses --kv-sparsity on CUDA until a kernel writes them)."""
-    if q.is_cuda:
-        if importance is not None:
-            raise NotImplementedError("importance scores are not computed on the GPU yet (--kv-sparsity is CPU-only)")
-        return prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
-                                        max_query_len, out, pruned=pruned)
-    return prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
-                                 max_query_len, out, pruned, importance)
+    """The Triton kernel on a GPU, the reference elsewhere. With importance (--kv-sparsity), the attention also
+    writes each query's log2-sum-exp and a second kernel adds the tokens' attention mass from it."""
+    if not q.is_cuda:
+        return prefill_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
+                                     max_query_len, out, pruned, importance)
+    from ccserve.kernels.attention_importance import add_prefill_importance     # it builds on this module
+    lse = None if importance is None else torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    out = prefill_attention_triton(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
+                                   max_query_len, out, pruned=pruned, lse=lse)
+    if importance is not None:
+        add_prefill_importance(q, k_cache, cu_seqlens_q, seq_lens, block_tables, scale, lse, importance, pruned)
+    return out

@@ -8,7 +8,6 @@ import torch
 
 from ccserve import LLM, SamplingParams
 from ccserve.config import EngineConfig
-from ccserve.engine.model_runner import _sparsity_policy
 from tests.tiny_models import make_tiny_model_dir
 
 
@@ -107,10 +106,7 @@ def test_bad_flags_are_named(model_dir, field, value, flag):
         EngineConfig(model=str(model_dir), **{field: value})
 
 
-def test_gpu_replicated_heads_and_shared_prefixes_are_refused(model_dir, tmp_path):
-    config = EngineConfig(model=str(model_dir), kv_sparsity=0.5)
-    with pytest.raises(ValueError, match="--kv-sparsity runs on the CPU only"):
-        _sparsity_policy(config, torch.device("cuda"))
+def test_replicated_heads_and_shared_prefixes_are_refused(model_dir, tmp_path):
     mqa = make_tiny_model_dir(tmp_path / "mqa", "llama", num_key_value_heads=1)   # TP=2 replicates its one head
     with pytest.raises(ValueError, match="--kv-sparsity shares each layer's budget over its KV heads"):
         LLM(str(mqa), kv_sparsity=0.5, tensor_parallel_size=2, device="cpu")

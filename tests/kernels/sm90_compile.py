@@ -12,6 +12,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from ccserve.kernels import attention_importance as imp
 from ccserve.kernels import decode_attention as dec
 from ccserve.kernels import kv_store as st
 from ccserve.kernels import prefill_attention as pre
@@ -70,6 +71,8 @@ def main(formats: list[str]) -> None:
     for name in ("_decode_partial_kernel", "_decode_reduce_kernel"):
         patch(dec, name)
     patch(pre, "_prefill_kernel")
+    for name in ("_decode_importance_kernel", "_prefill_importance_kernel"):
+        patch(imp, name)
     patch(rs, "_rotary_store_kernel")
     patch(rot, "_rotary_kernel")
     for name in ("_store_kv_kernel", "_store_token_quant_kernel", "_store_channel_quant_kernel"):
@@ -87,12 +90,18 @@ def main(formats: list[str]) -> None:
         cu = torch.tensor([0, 20, 30], dtype=torch.int32)
         pre.prefill_attention_triton(torch.randn(30, h, d, dtype=torch.bfloat16), k, v, cu,
                                      torch.tensor([40, 10], dtype=torch.int32), tables[:2], d ** -0.5, 20)
-        if fmt_name in SPARSE_FORMATS:                                # --kv-sparsity's keep mask
+        if fmt_name in SPARSE_FORMATS:         # --kv-sparsity: keep mask, log2-sum-exp out, importance kernels
             pruned = torch.zeros(64, hk, bs, dtype=torch.uint8)
-            dec.decode_attention_triton(q, k, v, lens, tables, d ** -0.5, num_splits=4, pruned=pruned)
-            pre.prefill_attention_triton(torch.randn(30, h, d, dtype=torch.bfloat16), k, v, cu,
-                                         torch.tensor([40, 10], dtype=torch.int32), tables[:2], d ** -0.5, 20,
-                                         pruned=pruned)
+            importance = torch.zeros(64, hk, bs)
+            lse = torch.empty(4, h)
+            dec.decode_attention_triton(q, k, v, lens, tables, d ** -0.5, num_splits=4, pruned=pruned, lse=lse)
+            dec.decode_attention_triton(q, k, v, lens, tables, d ** -0.5, num_splits=1, pruned=pruned, lse=lse)
+            imp.add_decode_importance(q, k, lens, tables, d ** -0.5, lse, importance, pruned)
+            qp = torch.randn(30, h, d, dtype=torch.bfloat16)
+            plen = torch.tensor([40, 10], dtype=torch.int32)
+            pre.prefill_attention_triton(qp, k, v, cu, plen, tables[:2], d ** -0.5, 20, pruned=pruned,
+                                         lse=torch.empty(30, h))
+            imp.add_prefill_importance(qp, k, cu, plen, tables[:2], d ** -0.5, torch.empty(30, h), importance, pruned)
         st.store_kv_triton(torch.randn(5, hk, d, dtype=torch.bfloat16), torch.randn(5, hk, d, dtype=torch.bfloat16),
                            k, v, torch.tensor([0, 1, 2, 17, 40]))
         qkv = torch.randn(5, h + 2 * hk, d, dtype=torch.bfloat16)

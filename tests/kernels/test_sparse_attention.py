@@ -1,12 +1,15 @@
-"""--kv-sparsity's keep mask in the attention kernels: the references honour it per KV head, record the attention
-mass per token, and the Triton kernels (interpreter) match the references with a mask, whole tiles pruned
-included."""
+"""--kv-sparsity in the attention kernels: the references honour the keep mask per KV head and record the attention
+mass per token; the Triton kernels (interpreter) match the references with a mask, whole tiles pruned included,
+and the importance kernels add the same mass from the attention's log2-sum-exp."""
 import pytest
 import torch
 
+from ccserve.kernels.attention_importance import add_decode_importance, add_prefill_importance
 from ccserve.kernels.decode_attention import DecodeConfig, decode_attention_ref, decode_attention_triton
 from ccserve.kernels.prefill_attention import PrefillConfig, prefill_attention_ref, prefill_attention_triton
+from ccserve.kv.formats import kv_format
 from tests.kernels.paged import paged_cache
+from tests.kernels.quantized import fill_paged
 
 SMALL_TILES = PrefillConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
 
@@ -96,3 +99,62 @@ def test_importance_is_the_attention_mass_per_kv_head():
     prefill_attention_ref(torch.randn(40, 4, 32), k, v, torch.tensor([0, 40], dtype=torch.int32),
                           torch.tensor([40], dtype=torch.int32), tables, 0.2, 40, importance=importance)
     torch.testing.assert_close(importance.sum(dim=(0, 2)), torch.full((2,), 2.0 * 40), atol=1e-3, rtol=0)
+
+
+# ---- importance on the GPU path: the attention's log2-sum-exp, then a second pass over the keys ----------------
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_decode_importance_kernel_matches_the_reference(num_splits, sparse):
+    """The Triton attention writes each head's log2-sum-exp; the importance kernel adds the same attention mass
+    per token and KV head as the reference (on top of what was there), nothing on pruned or padded tokens."""
+    q, k, v, lens, tables = decode_inputs()
+    pruned = random_pruned(k.shape[0], k.shape[1], k.shape[2], 0.4) if sparse else None
+    start = torch.rand(k.shape[:3])
+    expect = start.clone()
+    decode_attention_ref(q, k, v, lens, tables, 0.2, pruned=pruned, importance=expect)
+    lse = torch.empty(q.shape[:2])
+    got = start.clone()
+    decode_attention_triton(q, k, v, lens, tables, 0.2, num_splits=num_splits, config=DecodeConfig(block_n=16),
+                            pruned=pruned, lse=lse)
+    add_decode_importance(q, k, lens, tables, 0.2, lse, got, pruned)
+    torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-4)
+    assert torch.isinf(lse[1]).all()                      # the padding row (seq_len 0) saw nothing
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_prefill_importance_kernel_matches_the_reference(sparse):
+    """Chunks with cached context (the causal cut inside and before the chunk), one query alone, GQA rows."""
+    torch.manual_seed(2)
+    chunks = [(37, 0), (20, 50), (1, 16), (33, 7)]
+    seq_lens = [a + b for a, b in chunks]
+    k, v, tables = paged_cache(seq_lens, 2, 16, 32, torch.float32, torch.float32)
+    cu = torch.tensor([0] + [a for a, _ in chunks]).cumsum(0).to(torch.int32)
+    q = torch.randn(int(cu[-1]), 4, 32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    pruned = random_pruned(k.shape[0], 2, 16, 0.4) if sparse else None
+    expect = torch.zeros(k.shape[:3])
+    prefill_attention_ref(q, k, v, cu, lens, tables, 0.2, 37, pruned=pruned, importance=expect)
+    lse = torch.empty(q.shape[:2])
+    prefill_attention_triton(q, k, v, cu, lens, tables, 0.2, 37, config=SMALL_TILES, pruned=pruned, lse=lse)
+    got = torch.zeros(k.shape[:3])
+    add_prefill_importance(q, k, cu, lens, tables, 0.2, lse, got, pruned)
+    torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
+    assert got.sum() > 0
+
+
+@pytest.mark.parametrize("name", ["fp8", "K8V4"])
+def test_importance_kernels_on_quantized_keys(name):
+    """Keys with one scale per token (fp8: the scores are scaled) and channel-grouped int8 keys (dequantized)."""
+    torch.manual_seed(3)
+    seq_lens = [40, 9, 70]
+    k, v, tables = fill_paged(kv_format(name), seq_lens, 2, 16, 32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    q = torch.randn(3, 4, 32)
+    expect = torch.zeros(k.data.shape[:3])
+    decode_attention_ref(q, k, v, lens, tables, 0.2, importance=expect)
+    lse = torch.empty(q.shape[:2])
+    decode_attention_triton(q, k, v, lens, tables, 0.2, num_splits=2, lse=lse)
+    got = torch.zeros_like(expect)
+    add_decode_importance(q, k, lens, tables, 0.2, lse, got)
+    torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-3)
