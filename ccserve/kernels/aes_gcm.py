@@ -868,35 +868,34 @@ def _be_word(base, blk, w: tl.constexpr, chunk_len):
 @triton.jit(do_not_specialize=["nbytes", "lane", "counter", "progs"])
 def _ghash_short_kernel(wire, pow_ptr, acc_ptr, ok_ptr, te_ptr, sb_ptr, rk_ptr, ctr_ptr, nbytes, chunk_bytes,
                         wire_stride, nchunks, lane, counter, progs, BLOCKS: tl.constexpr, DECRYPT: tl.constexpr):
-    """GHASH and tag of the chunks of a short message: `progs` programs per chunk, BLOCKS blocks each.
+    """GHASH and tag of the chunks of a short message: `progs` + 1 programs per chunk.
 
-    Block i (0-based) of a chunk of n blocks contributes C_i * H^(n - i + 1), one GF multiply per thread with the
-    power read from the table; a program XORs its blocks' products into the chunk's accumulator (atomics). The
-    program that finishes a chunk last (an atomic count) adds the length block, encrypts J0 and writes the tag, or
-    compares it (DECRYPT) and stores the chunk's verdict. acc_ptr: int32 [nchunks * 4 words, nchunks counts], zero.
+    The tag of a chunk is bswap(GHASH ^ L*H) ^ E_K(J0) word by word, and bswap is linear over XOR, so every term
+    can be XORed into one accumulator by whoever computes it: block program i (BLOCKS blocks, one per thread) adds
+    C_j * H^(n - j + 1) for its blocks j (one GF multiply each, the power read from the table), and one more
+    program adds the length block L*H and bswap(E_K(J0)) (a T-table AES and a multiply), in parallel with the
+    blocks instead of after them. The program that finishes a chunk last (an atomic count) only byte-swaps the
+    accumulator into the tag and writes it, or compares it (DECRYPT) and stores the chunk's verdict.
+    acc_ptr: int32 [nchunks * 4 words, nchunks counts], zero.
     """
     pid = tl.program_id(0)
-    chunk = pid // progs
+    chunk = pid // (progs + 1)
+    part = pid % (progs + 1)
     chunk_len = tl.minimum(chunk_bytes, nbytes - chunk.to(tl.int64) * chunk_bytes).to(tl.int32)
-    n = (chunk_len + 15) // 16
-    blk = (pid % progs) * BLOCKS + tl.arange(0, BLOCKS)
-    live = blk < n
     base = wire + chunk.to(tl.int64) * wire_stride
-    x = (_be_word(base, blk, 0, chunk_len), _be_word(base, blk, 1, chunk_len), _be_word(base, blk, 2, chunk_len),
-         _be_word(base, blk, 3, chunk_len))
-    e = tl.where(live, n - blk + 1, 0)
-    v = (tl.load(pow_ptr + e * 4), tl.load(pow_ptr + e * 4 + 1), tl.load(pow_ptr + e * 4 + 2),
-         tl.load(pow_ptr + e * 4 + 3))
-    y = _gf_mul_words(x, v)
-    for w in tl.static_range(4):
-        tl.atomic_xor(acc_ptr + chunk * 4 + w, tl.xor_sum(y[w], axis=0).to(tl.int32, bitcast=True))
-    tl.debug_barrier()      # every thread's share is in before this program counts itself done
-    done = tl.atomic_add(acc_ptr + nchunks * 4 + chunk, 1)
-    if done == progs - 1:
-        z = (tl.atomic_xor(acc_ptr + chunk * 4, 0).to(tl.uint32, bitcast=True),
-             tl.atomic_xor(acc_ptr + chunk * 4 + 1, 0).to(tl.uint32, bitcast=True),
-             tl.atomic_xor(acc_ptr + chunk * 4 + 2, 0).to(tl.uint32, bitcast=True),
-             tl.atomic_xor(acc_ptr + chunk * 4 + 3, 0).to(tl.uint32, bitcast=True))
+    acc = acc_ptr + chunk * 4
+    if part < progs:
+        n = (chunk_len + 15) // 16
+        blk = part * BLOCKS + tl.arange(0, BLOCKS)
+        x = (_be_word(base, blk, 0, chunk_len), _be_word(base, blk, 1, chunk_len), _be_word(base, blk, 2, chunk_len),
+             _be_word(base, blk, 3, chunk_len))
+        e = tl.where(blk < n, n - blk + 1, 0)
+        v = (tl.load(pow_ptr + e * 4), tl.load(pow_ptr + e * 4 + 1), tl.load(pow_ptr + e * 4 + 2),
+             tl.load(pow_ptr + e * 4 + 3))
+        y = _gf_mul_words(x, v)
+        for w in tl.static_range(4):
+            tl.atomic_xor(acc + w, tl.xor_sum(y[w], axis=0).to(tl.int32, bitcast=True))
+    else:
         bitlen = chunk_len.to(tl.int64) * 8
         zero = tl.zeros([1], dtype=tl.uint32)
         h = (tl.load(pow_ptr + 4) + zero, tl.load(pow_ptr + 5) + zero, tl.load(pow_ptr + 6) + zero,
@@ -907,12 +906,18 @@ def _ghash_short_kernel(wire, pow_ptr, acc_ptr, ok_ptr, te_ptr, sb_ptr, rk_ptr, 
         j0 = (zero + _bswap(lane.to(tl.uint32)), zero + _bswap((ctr >> 32).to(tl.uint32)),
               zero + _bswap((ctr & 0xFFFFFFFF).to(tl.uint32)), zero + 0x01000000)
         ej0 = _aes_block(j0, te_ptr, sb_ptr, rk_ptr)
+        one = tl.arange(0, 1)
+        for w in tl.static_range(4):
+            tl.atomic_xor(acc + w + one, (lh[w] ^ _bswap(ej0[w])).to(tl.int32, bitcast=True))
+    tl.debug_barrier()      # every thread's share is in before this program counts itself done
+    done = tl.atomic_add(acc_ptr + nchunks * 4 + chunk, 1)
+    if done == progs:
         tag_at = base + chunk_len + tl.arange(0, 1)
         yes = tl.full([1], 1, tl.int1)
-        ok = _tag_word(tag_at, _bswap(z[0] ^ lh[0]) ^ ej0[0], yes, 0, yes, DECRYPT)
-        ok = _tag_word(tag_at, _bswap(z[1] ^ lh[1]) ^ ej0[1], ok, 1, yes, DECRYPT)
-        ok = _tag_word(tag_at, _bswap(z[2] ^ lh[2]) ^ ej0[2], ok, 2, yes, DECRYPT)
-        ok = _tag_word(tag_at, _bswap(z[3] ^ lh[3]) ^ ej0[3], ok, 3, yes, DECRYPT)
+        ok = yes
+        for w in tl.static_range(4):
+            z = tl.atomic_xor(acc + w + tl.arange(0, 1), 0).to(tl.uint32, bitcast=True)
+            ok = _tag_word(tag_at, _bswap(z), ok, w, yes, DECRYPT)
         if DECRYPT:
             tl.store(ok_ptr + chunk + tl.arange(0, 1), ok.to(tl.int32))
 
@@ -976,7 +981,7 @@ def _ghash_short(dk: DeviceKey, wire: torch.Tensor, ok: torch.Tensor, nbytes: in
     blocks = -(-min(chunk_bytes, nbytes) // 16)
     progs = triton.cdiv(blocks, SHORT_BLOCKS)
     acc = torch.zeros(nch * 5, dtype=torch.int32, device=wire.device)   # per chunk: 4 GHASH words; then counts
-    _ghash_short_kernel[(nch * progs,)](
+    _ghash_short_kernel[(nch * (progs + 1),)](
         wire, dk.powers(blocks + 2), acc, ok, dk.table("te"), dk.table("sbox"), dk.table("rk"), counter_at, nbytes,
         chunk_bytes, chunk_bytes + TAG_BYTES, nch, lane, counter, progs, BLOCKS=SHORT_BLOCKS, DECRYPT=decrypt,
         num_warps=SHORT_BLOCKS // 32)
