@@ -906,9 +906,8 @@ def _ghash_short_kernel(wire, pow_ptr, acc_ptr, ok_ptr, te_ptr, sb_ptr, rk_ptr, 
         j0 = (zero + _bswap(lane.to(tl.uint32)), zero + _bswap((ctr >> 32).to(tl.uint32)),
               zero + _bswap((ctr & 0xFFFFFFFF).to(tl.uint32)), zero + 0x01000000)
         ej0 = _aes_block(j0, te_ptr, sb_ptr, rk_ptr)
-        one = tl.arange(0, 1)
-        for w in tl.static_range(4):
-            tl.atomic_xor(acc + w + one, (lh[w] ^ _bswap(ej0[w])).to(tl.int32, bitcast=True))
+        for w in tl.static_range(4):    # scalar atomics, as above: one thread issues each
+            tl.atomic_xor(acc + w, tl.xor_sum(lh[w] ^ _bswap(ej0[w]), axis=0).to(tl.int32, bitcast=True))
     tl.debug_barrier()      # every thread's share is in before this program counts itself done
     done = tl.atomic_add(acc_ptr + nchunks * 4 + chunk, 1)
     if done == progs:
@@ -916,7 +915,7 @@ def _ghash_short_kernel(wire, pow_ptr, acc_ptr, ok_ptr, te_ptr, sb_ptr, rk_ptr, 
         yes = tl.full([1], 1, tl.int1)
         ok = yes
         for w in tl.static_range(4):
-            z = tl.atomic_xor(acc + w + tl.arange(0, 1), 0).to(tl.uint32, bitcast=True)
+            z = tl.atomic_xor(acc + w, 0).to(tl.uint32, bitcast=True) + tl.zeros([1], dtype=tl.uint32)
             ok = _tag_word(tag_at, _bswap(z), ok, w, yes, DECRYPT)
         if DECRYPT:
             tl.store(ok_ptr + chunk + tl.arange(0, 1), ok.to(tl.int32))
