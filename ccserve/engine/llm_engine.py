@@ -170,6 +170,10 @@ class LLMEngine:
             if self.runner.peers.failure is not None:
                 raise WorkerExited(self.runner.peers.failure)
             outputs = self._step()
+            # A worker that died during the step had its NCCL communicators aborted by the monitor, which records
+            # the failure first: the aborted collectives returned partial sums, so this step's tokens are void.
+            if self.runner.peers.failure is not None:
+                raise WorkerExited(self.runner.peers.failure)
             self._scrub_if_idle()
             return outputs
         except Exception as exc:

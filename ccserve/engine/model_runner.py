@@ -169,7 +169,7 @@ class ModelRunner:
         self.kv_shape = (len(self.attn_layers), layer.num_kv_heads, self.block_size, layer.head_dim)
         self.kv_format = kv_format(config.kv_format).resolve(layer.head_dim, self.block_size)
         self.sparsity = _sparsity_policy(config)
-        num_blocks = config.num_gpu_blocks or self._fit_free(self._profile_num_blocks())
+        num_blocks = config.num_gpu_blocks or self._plan_num_blocks()
         num_blocks = tp.min_over_ranks(num_blocks, self.device)  # every rank holds a slice of the same blocks
         self.kv_cache = self._new_cache(num_blocks)
         self.kv_cache.bind(self.attn_layers)
@@ -568,15 +568,16 @@ class ModelRunner:
             per_token += STATE_BYTES
         return int(layers * heads * bs * per_token)
 
-    def _profile_num_blocks(self) -> int:
+    def _plan_num_blocks(self) -> int:
         if self.device.type != "cuda":
             useful = self.config.max_num_seqs * self.max_blocks_per_seq
             return max(self.max_blocks_per_seq, min(useful, CPU_KV_CACHE_BYTES // self._bytes_per_block()))
-        return self._profile_gpu()
+        return self._fit_free(*self._profile_gpu())
 
     @torch.inference_mode()
-    def _profile_gpu(self) -> int:
-        """Run the largest step with a temporary cache, then give the KV cache what memory is left."""
+    def _profile_gpu(self) -> tuple[int, int]:
+        """Run the largest step with a temporary cache, then give the KV cache what memory is left; returns the
+        planned blocks and the step's activation peak in bytes (which must stay free beside the cache)."""
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
@@ -606,25 +607,29 @@ class ModelRunner:
         activations = peak - torch.cuda.memory_allocated()
         budget = min(budget, torch.cuda.mem_get_info()[0] - activations - GPU_MEMORY_MARGIN_BYTES)
         num_blocks = int(budget // self._bytes_per_block())
+        self._require_one_sequence(num_blocks)
+        return num_blocks, activations
+
+    def _fit_free(self, num_blocks: int, activations: int) -> int:
+        """At most the blocks that fit in what the device has free right now, less the largest step's activations
+        and the margin: the profile's plan is checked against the memory actually there when the cache is allocated
+        (an OPT-30B engine with streamed weights on an H200 planned 4.7 GiB more than was free even after the
+        profile's own check)."""
+        torch.cuda.empty_cache()
+        free = torch.cuda.mem_get_info(self.device)[0]
+        fits = int((free - activations - GPU_MEMORY_MARGIN_BYTES) // self._bytes_per_block())
+        self._require_one_sequence(fits)
+        if fits < num_blocks:
+            log.warning("KV cache: %d blocks planned, %d fit in the memory free now; using %d", num_blocks, fits,
+                        fits)
+        return min(num_blocks, fits)
+
+    def _require_one_sequence(self, num_blocks: int) -> None:
         if num_blocks < self.max_blocks_per_seq:
             raise RuntimeError(
                 f"only {max(num_blocks, 0)} KV blocks fit in GPU memory but one sequence of max_model_len "
                 f"{self.max_model_len} needs {self.max_blocks_per_seq}: raise gpu_memory_utilization or lower "
                 "max_model_len / max_num_batched_tokens")
-        return num_blocks
-
-    def _fit_free(self, num_blocks: int) -> int:
-        """At most the blocks that fit in what the device has free right now, less the margin: the profile's plan
-        is checked against the memory actually there when the cache is allocated (an OPT-30B engine with streamed
-        weights on an H200 planned 4.7 GiB more than was free even after the profile's own check)."""
-        if self.device.type != "cuda":
-            return num_blocks
-        torch.cuda.empty_cache()
-        fits = int((torch.cuda.mem_get_info(self.device)[0] - GPU_MEMORY_MARGIN_BYTES) // self._bytes_per_block())
-        if fits < num_blocks:
-            log.warning("KV cache: %d blocks planned, %d fit in the memory free now; using %d", num_blocks, fits,
-                        fits)
-        return min(num_blocks, fits)
 
     def _dummy_prefill(self, tokens: int, seq_len: int):
         dev = self.device

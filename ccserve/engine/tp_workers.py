@@ -55,6 +55,7 @@ class WorkerGroup:
         init_method = (Path(self._rendezvous.name) / "rendezvous").as_uri()
         self.failure: str | None = None
         self._closing = False
+        self._ending = threading.Event()   # set before workers are ended on purpose: their exits are no failure
         self.procs: list[BaseProcess] = []
         self.conns: list[Connection] = []
         ctx = mp.get_context("spawn")
@@ -67,7 +68,7 @@ class WorkerGroup:
             theirs.close()  # the worker holds the only other end: its death shows here as EOF
             self.procs.append(proc)
             self.conns.append(ours)
-        self._finalizer = weakref.finalize(self, _terminate, list(self.procs))
+        self._finalizer = weakref.finalize(self, _end, list(self.procs), self._ending)
         try:
             self._wait_started()
             self.tp: TensorParallelGroup | SealedTensorParallelGroup = join_group(0, size, init_method, config)
@@ -111,6 +112,7 @@ class WorkerGroup:
         if self._closing:
             return
         self._closing = True
+        self._ending.set()
         data = pickle.dumps(("shutdown",))
         for conn in self.conns:
             try:
@@ -144,7 +146,7 @@ class WorkerGroup:
         """Wait for any worker to exit; unless the group is closing, record why and end the others."""
         sentinels = {proc.sentinel: rank for rank, proc in enumerate(self.procs, start=1)}
         first = wait(list(sentinels))[0]
-        if self._closing:
+        if self._ending.is_set():   # close(), garbage collection or interpreter exit ended them
             return
         rank = sentinels[first]
         proc = self.procs[rank - 1]
@@ -159,12 +161,20 @@ def _abort_nccl(group: dist.ProcessGroup | None) -> None:
     """Abort an NCCL group's communicators, so that a collective rank 0 is waiting in returns with an error
     instead of waiting for a dead peer (gloo's fail by themselves). The group cannot be used afterwards: the
     engine's next step raises WorkerExited."""
-    if group is None or dist.get_backend(group) != "nccl":
+    if group is None or not dist.is_initialized():
         return
     try:
+        if dist.get_backend(group) != "nccl":   # raises once the group is destroyed (a close raced the monitor)
+            return
         dist.distributed_c10d._abort_process_group(group)
     except Exception:   # aborting is a best effort on a group already lost; the failure itself is recorded
         logger.exception("aborting the NCCL communicators of a lost tensor-parallel group failed")
+
+
+def _end(procs: list[BaseProcess], ending: threading.Event) -> None:
+    """The finalizer (garbage collection, interpreter exit): say the exits are on purpose, then end the workers."""
+    ending.set()
+    _terminate(procs)
 
 
 def _terminate(procs: list[BaseProcess]) -> None:

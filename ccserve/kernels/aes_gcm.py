@@ -865,7 +865,7 @@ def _be_word(base, blk, w: tl.constexpr, chunk_len):
     return tl.sum(b.to(tl.uint32) << (24 - 8 * tl.arange(0, 4))[None, :], axis=1)
 
 
-@triton.jit(do_not_specialize=["nbytes", "lane", "counter", "progs"])
+@triton.jit(do_not_specialize=["nbytes", "nchunks", "lane", "counter", "progs"])
 def _ghash_short_kernel(wire, pow_ptr, acc_ptr, ok_ptr, te_ptr, sb_ptr, rk_ptr, ctr_ptr, nbytes, chunk_bytes,
                         wire_stride, nchunks, lane, counter, progs, BLOCKS: tl.constexpr, DECRYPT: tl.constexpr):
     """GHASH and tag of the chunks of a short message: `progs` + 1 programs per chunk.

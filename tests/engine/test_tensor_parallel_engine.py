@@ -21,7 +21,7 @@ import pytest
 from ccserve import LLM, SamplingParams
 from ccserve.config import EngineConfig
 from ccserve.engine.tp_checks import check_fits, weight_bytes
-from ccserve.engine.tp_workers import WorkerExited
+from ccserve.engine.tp_workers import WorkerExited, _abort_nccl
 from ccserve.models.loader import load_model, read_hf_config
 from tests.tiny_models import make_tiny_model_dir
 
@@ -104,6 +104,52 @@ def test_a_killed_worker_fails_the_requests_and_leaves_no_process(tiny_model_dir
     assert multiprocessing.active_children() == []
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_a_worker_lost_during_a_step_voids_the_steps_tokens(tiny_model_dir, monkeypatch):
+    """Under NCCL a collective whose peer died is aborted by the monitor and returns partial sums without an
+    error: a step during which the group was lost must not hand out its tokens. Here the worker dies right
+    after rank 0's step computed (as it would inside it), and the monitor records it before the step returns."""
+    llm = LLM(str(tiny_model_dir("llama")), device="cpu", tensor_parallel_size=2)
+    engine = llm.engine
+    workers = engine.runner.peers
+    real_step = engine._step
+
+    def step_then_lose_the_worker():
+        outputs = real_step()
+        os.kill(workers.procs[0].pid, signal.SIGKILL)
+        workers._monitor.join(10)
+        return outputs
+
+    try:
+        for i, prompt in enumerate(PROMPTS):
+            engine.add_request(str(i), prompt, GREEDY)
+        engine.step()
+        monkeypatch.setattr(engine, "_step", step_then_lose_the_worker)
+        with pytest.raises(WorkerExited, match=r"rank 1 exited with code -9"):
+            engine.step()
+        assert engine.requests == {} and not engine.has_unfinished_requests()
+    finally:
+        llm.close()
+    assert multiprocessing.active_children() == []
+
+
+def test_workers_ended_by_the_finalizer_are_not_a_failure(tiny_model_dir, caplog):
+    """Garbage collection or interpreter exit ends the workers through the finalizer: the monitor must not
+    report that as a lost group (nor abort communicators), and aborting a group already destroyed is quiet."""
+    llm = LLM(str(tiny_model_dir("opt")), device="cpu", tensor_parallel_size=2)
+    workers = llm.engine.runner.peers
+    try:
+        workers._finalizer()
+        workers._monitor.join(10)
+        assert not workers._monitor.is_alive()
+        assert workers.failure is None
+    finally:
+        llm.close()
+    assert "exited with code" not in caplog.text
+    _abort_nccl(workers.tp.group)   # destroyed by close: returns without raising or logging
+    assert "aborting" not in caplog.text
+    assert multiprocessing.active_children() == []
 
 
 def test_workers_die_with_the_main_process(tiny_model_dir):
