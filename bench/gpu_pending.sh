@@ -21,6 +21,7 @@
 #            then the engine rows
 #   sealed   issue 10 (2 GPUs): one sealed all-reduce and its parts per call, with a kernel table (gpu_sealed.py)
 #   aes      issue 4: GPU AES-GCM, both paths checked against OpenSSL, then 1 / 4 / 64 / 1024 MiB
+#   tpcrash  issue 10 (2 GPUs): a worker killed under NCCL, between steps and inside one; close() quiet
 #   sparsity issue 7: importance kernels checked on the GPU and timed (gpu_sparsity.py), then the engine at
 #            --kv-sparsity 0.5 (its throughput against the cc stage's off rows, same workloads)
 set -uo pipefail
@@ -63,11 +64,12 @@ for s in ${STAGES:-cc weights kv lora swap}; do
         tppeer) stage tppeer-model 200 env SIZES=2 ALL_REDUCES=nccl,peer python3 bench/gpu_tp.py
                 stage tppeer-engine 200 env TP=2 TP_ALL_REDUCE=peer SKIP_BATCH1=1 \
                     python3 bench/gpu_engine.py A-mixed C-decode ;;
+        tpcrash) stage tpcrash 150 python3 bench/gpu_tp_crash.py ;;
         sealed) stage sealed 150 python3 bench/gpu_sealed.py ;;
         sparsity) stage sparsity-kernels 150 python3 bench/gpu_sparsity.py
                   stage sparsity-engine 240 env KV_SPARSITY=0.5 SKIP_CHECK=1 SKIP_BATCH1=1 \
                       python3 bench/gpu_engine.py A-mixed C-decode ;;
-        aes) stage aes 240 bash -c "cd bench && python3 secure_kernel.py --sizes-mib 1,4,64,1024" ;;
+        aes) stage aes "${AES_LIMIT_S:-240}" bash -c "cd bench && python3 secure_kernel.py --sizes-mib 1,4,64,1024" ;;
         *) echo "unknown stage $s" ;;
     esac
 done
